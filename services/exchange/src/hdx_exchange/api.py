@@ -1,0 +1,124 @@
+"""The exchange's HTTP API: the publisher registry and FHIR Subscriptions."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, HTTPException, Request, Response
+from pydantic import BaseModel, Field
+
+from hdx_exchange.domain.ingress import Publisher
+from hdx_exchange.domain.subscriptions import subscription_from_fhir
+from hdx_exchange.models import SubscriptionRow
+from hdx_exchange.pipeline import Registry
+from hdx_exchange.store import ExchangeStore
+from hdx_shared.fhir import FHIR_JSON, decode_resource
+from hdx_shared.http import FhirResponse
+from hdx_shared.messaging import ensure_topics
+from hdx_shared.settings import HdxSettings
+from hdx_shared.topics import Topics, TopicSpec
+
+
+class PublisherIn(BaseModel):
+    source: str = Field(min_length=3, description="the ce_source the publisher sends")
+    name: str = Field(min_length=1)
+    patient_identifier_system: str = Field(min_length=3)
+    active: bool = True
+
+
+def _searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+
+
+def _subscription_resource(row: SubscriptionRow) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(row.resource)
+    doc["id"] = row.id
+    doc["status"] = row.status
+    if row.error:
+        doc["error"] = row.error
+    return doc
+
+
+def build_routers(store: ExchangeStore, registry: Registry, topics: Topics,
+                  settings: HdxSettings) -> list[APIRouter]:
+    admin = APIRouter(prefix="/admin", tags=["publishers"])
+
+    @admin.get("/publishers")
+    async def list_publishers() -> list[PublisherIn]:
+        return [PublisherIn(source=p.source, name=p.name,
+                            patient_identifier_system=p.patient_identifier_system,
+                            active=p.active) for p in store.publishers().values()]
+
+    @admin.post("/publishers", status_code=201)
+    async def put_publisher(body: PublisherIn) -> PublisherIn:
+        """Register (or update) a source allowed to publish."""
+        store.put_publisher(Publisher(body.source, body.name, body.patient_identifier_system,
+                                      body.active))
+        registry.refresh()
+        return body
+
+    fhir = APIRouter(prefix="/fhir", tags=["Subscription"])
+
+    @fhir.post("/Subscription", status_code=201)
+    async def create_subscription(request: Request) -> Response:
+        raw = await request.body()
+        doc = decode_resource(raw)
+        sid = str(uuid.uuid4())
+        sub = subscription_from_fhir(doc, sid)
+        await ensure_topics(settings.kafka_bootstrap_servers,
+                            [TopicSpec(topics.feed(sub.subscriber))])
+        doc["id"] = sid
+        doc["status"] = "active"
+        store.save_subscription(SubscriptionRow(
+            id=sid, subscriber=sub.subscriber, recipient=sub.recipient, purpose=sub.purpose,
+            criteria=doc["criteria"], channel=sub.channel.value, endpoint=sub.endpoint,
+            headers="\n".join(sub.headers), payload=sub.payload.value, status="active",
+            resource=orjson.dumps(doc)))
+        registry.refresh()
+        return FhirResponse(doc, status_code=201,
+                            headers={"Location": f"{settings.public_base_url}/Subscription/{sid}"})
+
+    @fhir.get("/Subscription/{sid}")
+    async def read_subscription(sid: str) -> Response:
+        row = store.subscription_row(sid)
+        if row is None:
+            raise HTTPException(404, f"Subscription/{sid} is not known")
+        return FhirResponse(_subscription_resource(row))
+
+    @fhir.get("/Subscription")
+    async def search_subscriptions(subscriber: str | None = None) -> Response:
+        rows = store.subscription_rows(subscriber)
+        return FhirResponse(_searchset([_subscription_resource(r) for r in rows]))
+
+    @fhir.get("/Subscription/{sid}/$status")
+    async def subscription_status(sid: str) -> Response:
+        row = store.subscription_row(sid)
+        if row is None:
+            raise HTTPException(404, f"Subscription/{sid} is not known")
+        status = {"resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": f"Subscription/{sid}"}},
+            {"name": "status", "valueCode": row.status},
+            {"name": "type", "valueCode": "query-status"},
+            {"name": "events-since-subscription-start", "valueString": str(row.event_count)},
+            {"name": "feed", "valueString": topics.feed(row.subscriber)},
+        ]}
+        return FhirResponse({"resourceType": "Bundle", "type": "history",
+                             "entry": [{"resource": status}]})
+
+    @fhir.get("/metadata")
+    async def capability_statement() -> Response:
+        return Response(orjson.dumps({
+            "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+            "fhirVersion": "4.0.1", "format": ["json"], "date": "2026-11-25",
+            "rest": [{"mode": "server", "resource": [{
+                "type": "Subscription",
+                "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+                "operation": [{"name": "status", "definition":
+                               "http://hl7.org/fhir/uv/subscriptions-backport/"
+                               "OperationDefinition/backport-subscription-status"}]}]}],
+        }), media_type=FHIR_JSON)
+
+    return [admin, fhir]

@@ -1,0 +1,68 @@
+"""The exchange's composition root: settings, database, Kafka stages and HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import FastAPI
+
+from hdx_exchange.api import build_routers
+from hdx_exchange.pipeline import ExchangePipeline, Registry
+from hdx_exchange.settings import ExchangeSettings
+from hdx_exchange.store import ExchangeStore
+from hdx_shared.db import make_engine
+from hdx_shared.fhir import Limits
+from hdx_shared.http import ServiceRuntime, create_service_app
+from hdx_shared.messaging import add_stage, make_broker
+from hdx_shared.telemetry import kafka_middlewares, setup_tracing
+from hdx_shared.topics import Topics
+
+
+def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
+    settings = settings or ExchangeSettings()
+    topics = Topics(settings.topic_prefix)
+    tracer_provider = setup_tracing(settings)
+    broker = make_broker(settings, middlewares=kafka_middlewares(tracer_provider))
+    store = ExchangeStore(make_engine(settings))
+    registry = Registry(store)
+    pipeline = ExchangePipeline(
+        registry=registry, store=store, topics=topics,
+        limits=Limits(settings.max_message_bytes, settings.max_json_depth,
+                      settings.max_bundle_entries),
+        base_url=settings.public_base_url,
+    )
+    runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
+    common = {"settings": settings, "topics": topics}
+    runtime.stages += [
+        add_stage(broker, name="ingress", topic=topics.inbound,
+                  group_id="hdx-exchange-ingress", handler=pipeline.ingress, **common),
+        add_stage(broker, name="router", topic=topics.identified,
+                  group_id="hdx-exchange-router", handler=pipeline.route, **common),
+        add_stage(broker, name="delivery", topic=topics.decided,
+                  group_id="hdx-exchange-delivery", handler=pipeline.deliver, **common),
+    ]
+    runtime.readiness_checks.append(lambda: registry.error)
+    refresher: list[asyncio.Task[None]] = []
+
+    async def keep_registry_fresh() -> None:
+        while True:
+            await asyncio.sleep(settings.registry_refresh_seconds)
+            await asyncio.to_thread(registry.refresh)
+
+    async def start() -> None:
+        store.create_schema()
+        registry.refresh()
+        refresher.append(asyncio.create_task(keep_registry_fresh()))
+
+    async def stop() -> None:
+        for task in refresher:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        store.engine.dispose()
+
+    runtime.on_start.append(start)
+    runtime.on_stop.append(stop)
+    return create_service_app(runtime, title="HDX exchange",
+                              routers=build_routers(store, registry, topics, settings))

@@ -1,0 +1,55 @@
+"""The exchange's tables: publishers, subscriptions, and the deliveries it numbered."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlmodel import Field, SQLModel, UniqueConstraint
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PublisherRow(SQLModel, table=True):
+    __tablename__ = "publisher"
+
+    source: str = Field(primary_key=True)  # the ce_source a publisher sends
+    name: str
+    patient_identifier_system: str
+    active: bool = True
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class SubscriptionRow(SQLModel, table=True):
+    __tablename__ = "subscription"
+
+    id: str = Field(primary_key=True)
+    subscriber: str = Field(index=True)
+    recipient: str
+    purpose: str
+    criteria: str
+    channel: str
+    endpoint: str | None = None
+    headers: str = ""  # newline-separated "Name: value" lines for rest-hook
+    payload: str = "full-resource"
+    status: str = "active"  # requested | active | error | off
+    error: str | None = None
+    event_count: int = 0  # the last event number handed out
+    resource: bytes  # the Subscription as the subscriber sent it
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class DeliveryRow(SQLModel, table=True):
+    """One event numbered for one subscription. The unique key makes numbering idempotent:
+    a redelivered event gets the number it had, so a subscriber sees a retransmission."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("subscription_id", "event_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscription_id: str = Field(index=True)
+    event_id: str
+    event_number: int
+    resource_type: str
+    created_at: datetime = Field(default_factory=_now)

@@ -1,0 +1,147 @@
+"""The exchange's three Kafka stages — thin adapters from records to the domain and back.
+
+- ingress:  hdx.inbound  → hdx.validated (or hdx.deadletter with an OperationOutcome)
+- router:   hdx.identified → hdx.routed (the subscriptions whose criteria match)
+- delivery: hdx.decided → hdx.feed.<subscriber> (notification Bundles, numbered per subscription)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import orjson
+
+from hdx_exchange.domain.ingress import Publisher, accept_message
+from hdx_exchange.domain.notification import build_notification
+from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscriptions
+from hdx_exchange.store import ExchangeStore
+from hdx_shared.envelope import Header
+from hdx_shared.fhir import FhirError, Limits
+from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for
+from hdx_shared.topics import Topics
+
+log = logging.getLogger(__name__)
+# Above this size a message is validated on a worker thread, so heartbeats never stall.
+OFFLOAD_BYTES = 256 * 1024
+
+
+@dataclass
+class Registry:
+    """Publishers and subscriptions in memory; the database is the durable copy."""
+
+    store: ExchangeStore
+    publishers: dict[str, Publisher] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    loaded: bool = False
+    error: str | None = None
+
+    def refresh(self) -> None:
+        try:
+            self.publishers = self.store.publishers()
+            self.subscriptions = {s.id: s for s in self.store.subscriptions()}
+            self.loaded, self.error = True, None
+        except Exception as exc:  # keep the last good copy; readiness says why
+            self.error = f"registry not refreshed: {type(exc).__name__}"
+            log.warning("registry refresh failed: %s", exc)
+
+    def require_loaded(self) -> None:
+        if not self.loaded:
+            raise Unavailable(self.error or "registry not loaded")
+
+
+@dataclass
+class ExchangePipeline:
+    registry: Registry
+    store: ExchangeStore
+    topics: Topics
+    limits: Limits
+    base_url: str
+
+    async def ingress(self, batch: Sequence[Inbound]) -> list[Outgoing]:
+        self.registry.require_loaded()
+        out: list[Outgoing] = []
+        for m in batch:
+            try:
+                if len(m.value) > OFFLOAD_BYTES:
+                    accepted = await asyncio.to_thread(
+                        accept_message, m.value, m.envelope, self.registry.publishers,
+                        self.limits, m.origin)
+                else:
+                    accepted = accept_message(m.value, m.envelope, self.registry.publishers,
+                                              self.limits, m.origin)
+            except FhirError as exc:
+                log.info("dead-lettered %s from %s: %s", m.origin, m.envelope.source or "?",
+                         exc.reason)
+                out.append(dead_letter_for(self.topics, m, exc))
+                continue
+            out.extend(Outgoing(self.topics.validated, a.value, a.key, a.envelope.to_headers())
+                       for a in accepted)
+        return out
+
+    async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
+        self.registry.require_loaded()
+        subscriptions = list(self.registry.subscriptions.values())
+        out: list[Outgoing] = []
+        for m in batch:
+            env = m.envelope
+            parsed = cache(lambda v=m.value: orjson.loads(v))  # parsed only if a filter asks
+            matched = match_subscriptions(subscriptions, env.resource_type or "", env.person,
+                                          parsed)
+            if not matched:
+                continue
+            candidates = orjson.dumps([s.candidate() for s in matched]).decode()
+            headers = env.with_extra(**{Header.CANDIDATES: candidates}).to_headers()
+            out.append(Outgoing(self.topics.routed, m.value, env.key_by_person(), headers))
+        return out
+
+    async def deliver(self, batch: Sequence[Inbound]) -> list[Outgoing]:
+        self.registry.require_loaded()
+        wanted: list[tuple[str, str, str]] = []
+        work: list[tuple[Inbound, Subscription]] = []
+        for m in batch:
+            for cand in _permitted(m):
+                sub = self.registry.subscriptions.get(cand.get("subscription", ""))
+                if sub is None:
+                    # Created on another replica moments ago: wait for the registry.
+                    raise Unavailable(f"subscription {cand.get('subscription')} not loaded yet")
+                if not sub.active:
+                    continue
+                wanted.append((sub.id, m.envelope.event_id, m.envelope.resource_type or ""))
+                work.append((m, sub))
+        if not work:
+            return []
+        numbers = await asyncio.to_thread(self.store.number_events, wanted)
+        out: list[Outgoing] = []
+        for m, sub in work:
+            env = m.envelope
+            number = numbers[(sub.id, env.event_id)]
+            bundle = build_notification(
+                sub, event_id=env.event_id, event_number=number,
+                resource_type=env.resource_type or "", resource_id=_resource_id(m.value),
+                resource=m.value, source=env.source, base_url=self.base_url)
+            if sub.channel is ChannelType.KAFKA:
+                headers = env.without_extra(Header.CANDIDATES, Header.PERMITTED).with_extra(
+                    hdx_subscription=sub.id, hdx_event_number=str(number)).to_headers()
+                out.append(Outgoing(self.topics.feed(sub.subscriber), bundle,
+                                    env.key_by_person(), headers))
+            else:
+                log.warning("rest-hook delivery is not available; subscription %s", sub.id)
+        return out
+
+
+def _permitted(m: Inbound) -> list[dict[str, Any]]:
+    raw = m.envelope.extra.get(Header.PERMITTED)
+    if not raw:
+        return []
+    value = orjson.loads(raw)
+    return value if isinstance(value, list) else []
+
+
+def _resource_id(value: bytes) -> str | None:
+    rid = orjson.loads(value).get("id")
+    return rid if isinstance(rid, str) else None

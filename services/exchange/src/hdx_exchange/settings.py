@@ -1,0 +1,20 @@
+"""The exchange's settings (HDX_ environment variables on top of the shared ones)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from hdx_shared.settings import HdxSettings
+
+
+class ExchangeSettings(HdxSettings):
+    service_name: str = "exchange"
+    http_port: int = 8003
+    # Input limits enforced before anything is parsed.
+    max_message_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=32, ge=4)
+    max_bundle_entries: int = Field(default=10_000, ge=1)
+    # How often each replica re-reads subscriptions and publishers written by another.
+    registry_refresh_seconds: float = Field(default=2.0, gt=0)
+    # The base URL subscribers see in notification Bundles.
+    public_base_url: str = "http://127.0.0.1:8003/fhir"

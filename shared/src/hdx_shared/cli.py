@@ -1,0 +1,214 @@
+"""`hdx`: run HDX on this machine, publish FHIR to it, and read what comes out."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hdx_shared.devstack import SERVICES, LocalStack
+from hdx_shared.embedded_broker import EmbeddedBroker
+from hdx_shared.envelope import CE_SPECVERSION, FHIR_JSON, Header
+from hdx_shared.settings import HdxSettings
+from hdx_shared.topics import Topics
+
+app = typer.Typer(help="HDX — an open, event-driven FHIR health data exchange over Kafka.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+DEMO_DIR = Path(__file__).resolve().parents[3] / "deploy" / "demo"
+
+
+def _settings() -> HdxSettings:
+    return HdxSettings()
+
+
+@app.command()
+def run(
+    data_dir: Annotated[Path, typer.Option(help="SQLite files and logs go here")] = Path("data"),
+    broker_port: Annotated[int, typer.Option(help="embedded broker port")] = 9092,
+    seed: Annotated[bool, typer.Option(help="load the demo publishers, consents and "
+                                             "subscription")] = True,
+    demo_dir: Annotated[Path, typer.Option(help="where the demo seed lives")] = DEMO_DIR,
+) -> None:
+    """Start the embedded broker and all three services; Ctrl-C stops everything."""
+    ports = {s.name: s.default_port for s in SERVICES} | {"broker": broker_port}
+    stack = LocalStack(data_dir=data_dir, ports=ports)
+    with console.status("starting the broker and the services…"):
+        stack.start()
+    try:
+        if seed:
+            seed_demo(stack.url("exchange"), stack.url("consent"), demo_dir)
+        _print_stack(stack, seeded=seed)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            for name, proc in stack.services.items():
+                if proc.process and proc.process.poll() is not None:
+                    console.print(f"[red]{name} exited[/red]; its log:\n{proc.tail()}")
+                    stop.set()
+    finally:
+        console.print("stopping…")
+        stack.stop()
+
+
+def seed_demo(exchange_url: str, consent_url: str, demo_dir: Path = DEMO_DIR) -> None:
+    """Load the demo configuration through the services' own APIs (safe to repeat)."""
+    with httpx.Client(timeout=10) as http:
+        for pub in orjson.loads((demo_dir / "publishers.json").read_bytes()):
+            http.post(f"{exchange_url}/admin/publishers", json=pub).raise_for_status()
+        for path in sorted(demo_dir.glob("consent-*.json")):
+            consent = orjson.loads(path.read_bytes())
+            http.put(f"{consent_url}/fhir/Consent/{consent['id']}", content=path.read_bytes(),
+                     headers={"content-type": FHIR_JSON}).raise_for_status()
+        for path in sorted(demo_dir.glob("subscription-*.json")):
+            sub = orjson.loads(path.read_bytes())
+            recipient = next(e["valueReference"]["reference"] for e in sub["extension"]
+                             if e["url"].endswith("/recipient"))
+            existing = http.get(f"{exchange_url}/fhir/Subscription",
+                                params={"subscriber": recipient.rsplit("/", 1)[-1]}).json()
+            if not existing.get("total"):
+                http.post(f"{exchange_url}/fhir/Subscription", content=path.read_bytes(),
+                          headers={"content-type": FHIR_JSON}).raise_for_status()
+
+
+def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
+    topics = Topics()
+    table = Table(title="HDX is running", show_lines=False)
+    table.add_column("what")
+    table.add_column("where")
+    table.add_row("Kafka broker (embedded Tansu, plaintext, memory only)", stack.bootstrap)
+    for name, proc in stack.services.items():
+        table.add_row(f"{name} (HTTP, /docs for the API)", proc.url)
+    table.add_row("publish to", topics.inbound)
+    table.add_row("internal", ", ".join([topics.validated, topics.identified, topics.routed,
+                                         topics.decided, topics.links, topics.consents]))
+    table.add_row("audit / dead letters", f"{topics.audit} / {topics.deadletter}")
+    if seeded:
+        table.add_row("demo subscriber feed", topics.feed("oakwood-care-home"))
+    table.add_row("logs and SQLite files", str(stack.data_dir))
+    console.print(table)
+    examples = DEMO_DIR / "examples"
+    console.print(
+        "Try:\n"
+        f"  hdx publish {examples / 'patient-ada.json'} --source urn:hdx:org:st-marys\n"
+        f"  hdx publish {examples / 'observation-ada.json'} --source urn:hdx:org:st-marys\n"
+        f"  hdx tail {topics.feed('oakwood-care-home')}\n"
+        "Press Ctrl-C to stop.")
+
+
+def _patient_key(source: str, doc: dict[str, Any]) -> bytes:
+    if doc.get("resourceType") == "Patient":
+        return f"{source}|{doc.get('id', '')}".encode()
+    for element in ("subject", "patient"):
+        ref = (doc.get(element) or {}).get("reference", "") if isinstance(
+            doc.get(element), dict) else ""
+        if ref.startswith("Patient/"):
+            return f"{source}|{ref.removeprefix('Patient/')}".encode()
+    return source.encode()
+
+
+@app.command()
+def publish(
+    files: Annotated[list[Path], typer.Argument(help="FHIR JSON resources or Bundles")],
+    source: Annotated[str, typer.Option(help="your publisher id (ce_source)")],
+    change: Annotated[str, typer.Option("--type", help="create, update or delete")] = "update",
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+    topic: Annotated[str | None, typer.Option(help="default: the inbound topic")] = None,
+) -> None:
+    """Publish FHIR files to HDX's inbound topic, as a hospital system would."""
+    settings = _settings()
+    servers = bootstrap or settings.kafka_bootstrap_servers
+    target = topic or Topics(settings.topic_prefix).inbound
+
+    async def send() -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all")
+        await producer.start()
+        try:
+            for path in files:
+                raw = path.read_bytes()
+                try:
+                    doc = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    doc = {}
+                event_id = str(uuid.uuid4())
+                headers = [(Header.ID.value, event_id.encode()),
+                           (Header.SOURCE.value, source.encode()),
+                           (Header.TYPE.value, change.encode()),
+                           (Header.SPECVERSION.value, CE_SPECVERSION.encode()),
+                           (Header.CONTENT_TYPE.value, FHIR_JSON.encode())]
+                md = await producer.send_and_wait(target, raw, key=_patient_key(source, doc),
+                                                  headers=headers)
+                console.print(f"{path.name} → {target}[{md.partition}]@{md.offset} "
+                              f"ce_id={event_id}")
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+@app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="e.g. hdx.feed.oakwood-care-home")],
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
+    limit: Annotated[int, typer.Option(help="stop after this many records (0: never)")] = 0,
+    timeout: Annotated[float, typer.Option(help="stop after this many idle seconds")] = 0,
+) -> None:
+    """Print a topic's records from the beginning (a feed, the audit or dead letters)."""
+    servers = bootstrap or _settings().kafka_bootstrap_servers
+
+    async def read() -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=servers,
+                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        await consumer.start()
+        seen = 0
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=int((timeout or 3600) * 1000))
+                if not batch and timeout:
+                    return
+                for records in batch.values():
+                    for r in records:
+                        headers = {k: v.decode(errors="replace") for k, v in r.headers}
+                        console.print(f"[bold]{r.topic}[{r.partition}]@{r.offset}[/bold] "
+                                      f"{orjson.dumps(headers).decode()}")
+                        console.print(r.value.decode(errors="replace") if r.value else "")
+                        seen += 1
+                        if limit and seen >= limit:
+                            return
+        finally:
+            await consumer.stop()
+
+    asyncio.run(read())
+
+
+@app.command()
+def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
+    """Run only the embedded Kafka-protocol broker (Tansu, memory storage)."""
+    with EmbeddedBroker(port=port) as b:
+        console.print(f"embedded broker on {b.bootstrap_servers}; Ctrl-C stops it")
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""HTTP plumbing every service's FHIR API shares: FHIR JSON responses, OperationOutcome for
+every error, health endpoints, and the app factory that runs the Kafka broker in the same
+lifespan as the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from faststream.kafka import KafkaBroker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
+from hdx_shared.messaging import StageHealth, ensure_topics
+from hdx_shared.settings import HdxSettings
+from hdx_shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class FhirResponse(Response):
+    media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        if isinstance(content, bytes):
+            return content
+        return orjson.dumps(content)
+
+
+def outcome_response(status: int, issues: Sequence[Issue]) -> FhirResponse:
+    return FhirResponse(operation_outcome(issues), status_code=status)
+
+
+def install_fhir_errors(app: FastAPI) -> None:
+    """Every error an HDX API returns is a FHIR OperationOutcome."""
+
+    @app.exception_handler(FhirError)
+    async def _fhir_error(_req: Request, exc: FhirError) -> Response:
+        return FhirResponse(exc.outcome(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> Response:
+        issues = [Issue(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
+                  for e in exc.errors()[:20]]
+        return outcome_response(400, issues)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not-found", 401: "login", 403: "forbidden", 405: "not-supported",
+                409: "conflict", 412: "conflict"}.get(exc.status_code, "processing")
+        return outcome_response(exc.status_code, [Issue(str(exc.detail), code=code)])
+
+    @app.exception_handler(Exception)
+    async def _crash(_req: Request, exc: Exception) -> Response:
+        log.exception("unhandled error in HTTP handler")
+        return outcome_response(500, [Issue(f"internal error: {type(exc).__name__}",
+                                            code="exception")])
+
+
+ReadinessCheck = Callable[[], str | None]
+
+
+@dataclass
+class ServiceRuntime:
+    """What a running service is made of, as its composition root wired it."""
+
+    settings: HdxSettings
+    topics: Topics
+    broker: KafkaBroker
+    stages: list[StageHealth] = field(default_factory=list)
+    readiness_checks: list[ReadinessCheck] = field(default_factory=list)
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    started: bool = False
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = [] if self.started else ["starting"]
+        reasons += [f"{s.name}: {s.reason}" for s in self.stages if not s.ready
+                    and s.reason != "not started" and s.reason != "ok"]
+        reasons += [r for check in self.readiness_checks if (r := check())]
+        return reasons
+
+
+def health_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process is up and serving."""
+        return {"status": "ok", "service": runtime.settings.service_name}
+
+    @router.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: connected, state loaded, no stage waiting on an unavailable dependency."""
+        reasons = runtime.not_ready_reasons()
+        body = {
+            "status": "ready" if not reasons else "not-ready",
+            "reasons": reasons,
+            "stages": [{"name": s.name, "ready": s.ready, "reason": s.reason,
+                        "messages": s.messages, "dead_lettered": s.dead_lettered}
+                       for s in runtime.stages],
+        }
+        return Response(orjson.dumps(body), status_code=200 if not reasons else 503,
+                        media_type="application/json")
+
+    return router
+
+
+def create_service_app(
+    runtime: ServiceRuntime, *, title: str, routers: Sequence[APIRouter]
+) -> FastAPI:
+    """The HTTP app and the Kafka broker share one lifespan: both start, both stop."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(runtime.settings.kafka_bootstrap_servers, runtime.topics.core())
+        for hook in runtime.on_start:
+            await hook()
+        await runtime.broker.start()
+        runtime.started = True
+        log.info("%s started", runtime.settings.service_name)
+        try:
+            yield
+        finally:
+            runtime.started = False
+            # Stopping the broker leaves the group and flushes the producer; an in-flight
+            # batch that is cut short is not committed and will be redelivered.
+            await runtime.broker.stop()
+            for hook in runtime.on_stop:
+                await hook()
+            log.info("%s stopped", runtime.settings.service_name)
+
+    app = FastAPI(title=title, lifespan=lifespan, default_response_class=FhirResponse)
+    install_fhir_errors(app)
+    app.include_router(health_router(runtime))
+    for r in routers:
+        app.include_router(r)
+    return app
+
+
+def serve(app: FastAPI, settings: HdxSettings) -> None:
+    """Run one service in this process until SIGINT/SIGTERM."""
+    import uvicorn
+
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port,
+                log_config=None, access_log=False, lifespan="on")

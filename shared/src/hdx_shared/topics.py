@@ -1,0 +1,93 @@
+"""The Kafka topics HDX uses, in one place, with how each is configured.
+
+A message's path: inbound → validated → identified → routed → decided → feed.<subscriber>,
+with audit and deadletter beside it (docs/architecture.md draws it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int = 6
+    compacted: bool = False
+    config: dict[str, str] = field(default_factory=dict)
+
+    def topic_config(self) -> dict[str, str]:
+        cfg = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        cfg.update(self.config)
+        return cfg
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix, so several HDX installations can share a cluster."""
+
+    prefix: str = "hdx."
+
+    @property
+    def inbound(self) -> str:
+        """What publishers write: FHIR JSON resources or Bundles with CloudEvents headers."""
+        return f"{self.prefix}inbound"
+
+    @property
+    def validated(self) -> str:
+        """One valid FHIR resource per record, keyed by source|local patient id."""
+        return f"{self.prefix}validated"
+
+    @property
+    def identified(self) -> str:
+        """Resources stamped with the enterprise person id, keyed by it."""
+        return f"{self.prefix}identified"
+
+    @property
+    def routed(self) -> str:
+        """Resources with the subscriptions whose criteria they match (consent's input)."""
+        return f"{self.prefix}routed"
+
+    @property
+    def decided(self) -> str:
+        """Resources with the subscriptions consent permitted (delivery's input)."""
+        return f"{self.prefix}decided"
+
+    @property
+    def links(self) -> str:
+        """Compacted: source|local id → enterprise person id, from the patient index."""
+        return f"{self.prefix}links"
+
+    @property
+    def consents(self) -> str:
+        """Compacted: consent changes, so every consent replica converges."""
+        return f"{self.prefix}consents"
+
+    @property
+    def audit(self) -> str:
+        """FHIR AuditEvents for every decision HDX takes."""
+        return f"{self.prefix}audit"
+
+    @property
+    def deadletter(self) -> str:
+        """What could not be accepted: original bytes plus an OperationOutcome header."""
+        return f"{self.prefix}deadletter"
+
+    def feed(self, subscriber: str) -> str:
+        """A subscriber's own Kafka feed of notification Bundles."""
+        return f"{self.prefix}feed.{subscriber}"
+
+    def core(self) -> list[TopicSpec]:
+        """The topics HDX itself needs before any service starts."""
+        week = str(7 * 24 * 3600 * 1000)
+        return [
+            TopicSpec(self.inbound, config={"retention.ms": week}),
+            TopicSpec(self.validated),
+            TopicSpec(self.identified),
+            TopicSpec(self.routed),
+            TopicSpec(self.decided),
+            TopicSpec(self.links, partitions=3, compacted=True),
+            TopicSpec(self.consents, partitions=3, compacted=True),
+            TopicSpec(self.audit, partitions=3, config={"retention.ms": "-1"}),
+            TopicSpec(self.deadletter, partitions=3, config={"retention.ms": "-1"}),
+        ]
