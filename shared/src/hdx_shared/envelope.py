@@ -103,27 +103,28 @@ class Envelope:
 
     def to_headers(self) -> dict[str, str]:
         """Headers for the next hop: CloudEvents binary mode plus HDX's own."""
-        h = {k: v for k, v in self.extra.items() if not k.startswith("hdx_invalid")}
-        h[Header.ID] = self.event_id
-        h[Header.SOURCE] = self.source
-        h[Header.TYPE] = self.change.value
-        h[Header.SPECVERSION] = CE_SPECVERSION
-        h[Header.CONTENT_TYPE] = FHIR_JSON
+        # Plain str keys: Kafka clients' C extensions reject str subclasses such as Header.
+        h = {str(k): v for k, v in self.extra.items() if not k.startswith("hdx_invalid")}
+        h[Header.ID.value] = self.event_id
+        h[Header.SOURCE.value] = self.source
+        h[Header.TYPE.value] = self.change.value
+        h[Header.SPECVERSION.value] = CE_SPECVERSION
+        h[Header.CONTENT_TYPE.value] = FHIR_JSON
         if self.resource_type:
-            h[Header.RESOURCE_TYPE] = self.resource_type
+            h[Header.RESOURCE_TYPE.value] = self.resource_type
         if self.patient_ref:
-            h[Header.PATIENT_REF] = self.patient_ref
+            h[Header.PATIENT_REF.value] = self.patient_ref
         if self.person:
-            h[Header.PERSON] = self.person
+            h[Header.PERSON.value] = self.person
         if self.person_identifiers:
-            h[Header.PERSON_IDENTIFIERS] = " ".join(self.person_identifiers)
+            h[Header.PERSON_IDENTIFIERS.value] = " ".join(self.person_identifiers)
         if self.received_at_ms is not None:
-            h[Header.RECEIVED_AT] = str(self.received_at_ms)
+            h[Header.RECEIVED_AT.value] = str(self.received_at_ms)
         return h
 
     def with_extra(self, **headers: str) -> Envelope:
         merged = dict(self.extra)
-        merged.update(headers)
+        merged.update({str(k): v for k, v in headers.items()})
         return replace(self, extra=merged)
 
     def without_extra(self, *names: str) -> Envelope:

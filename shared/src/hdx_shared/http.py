@@ -18,7 +18,7 @@ from faststream.kafka import KafkaBroker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
-from hdx_shared.messaging import StageHealth, ensure_topics
+from hdx_shared.messaging import StageHealth, ensure_topics, start_broker
 from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics
 
@@ -123,7 +123,7 @@ def create_service_app(
         await ensure_topics(runtime.settings.kafka_bootstrap_servers, runtime.topics.core())
         for hook in runtime.on_start:
             await hook()
-        await runtime.broker.start()
+        await start_broker(runtime.broker)
         runtime.started = True
         log.info("%s started", runtime.settings.service_name)
         try:

@@ -84,12 +84,12 @@ def dead_letter(
 
     headers = {k: v for k, v in message.envelope.to_headers().items()}
     # The original content type travels on: the value is exactly what was received.
-    headers.pop(Header.CONTENT_TYPE, None)
-    headers[Header.REASON] = reason
-    headers[Header.OUTCOME] = (
+    headers.pop(Header.CONTENT_TYPE.value, None)
+    headers[Header.REASON.value] = reason
+    headers[Header.OUTCOME.value] = (
         outcome.decode() if isinstance(outcome, bytes) else orjson.dumps(outcome).decode()
     )
-    headers[Header.ORIGIN] = message.origin
+    headers[Header.ORIGIN.value] = message.origin
     return Outgoing(topics.deadletter, message.value, message.key, headers)
 
 
@@ -113,6 +113,8 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         linger_ms=1,
+        # Per-batch "Received"/"Processed" lines are debugging detail, not operations.
+        log_level=logging.DEBUG,
         client_id=settings.service_name,
         security=security,
         logger=logging.getLogger(f"hdx.{settings.service_name}.kafka"),
@@ -138,6 +140,20 @@ async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec]) -> N
             pass  # another service created it first
     finally:
         await admin.close()
+
+
+async def start_broker(broker: KafkaBroker) -> None:
+    """Start the broker with its consumers joining their groups concurrently.
+
+    faststream starts subscribers one after another, and each start waits for its group
+    join (about 5 s on Tansu, the initial rebalance delay on Kafka); a service with three
+    stages would otherwise take three times as long to become ready.
+    """
+    await broker.connect()
+    await asyncio.gather(*(sub.start() for sub in broker.subscribers))
+    for pub in broker.publishers:
+        await pub.start()
+    broker.running = True
 
 
 async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None:

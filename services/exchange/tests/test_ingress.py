@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from hdx_exchange.domain.ingress import Publisher, accept_message
+from hdx_shared.envelope import ChangeType, Envelope
+from hdx_shared.fhir import FhirError, Limits
+
+SRC = "urn:hdx:org:st-marys"
+PUBLISHERS = {SRC: Publisher(SRC, "St Mary's", "https://st-marys.example.org/patient")}
+PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female"}
+OBS = {"resourceType": "Observation", "id": "o1", "status": "final",
+       "code": {"text": "glucose"}, "subject": {"reference": "Patient/p1"}}
+
+
+def accept(doc: object, source: str = SRC, event_id: str = "e1") -> list:  # type: ignore[type-arg]
+    raw = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return accept_message(raw, Envelope(event_id, source), PUBLISHERS, Limits(), "t/0/1")
+
+
+def test_a_single_resource_is_forwarded_as_published() -> None:
+    raw = orjson.dumps(OBS)
+    [out] = accept_message(raw, Envelope("e1", SRC), PUBLISHERS, Limits(), "t/0/1")
+    assert out.value is raw  # bytes forwarded, never re-serialised
+    assert out.envelope.resource_type == "Observation"
+    assert out.envelope.patient_ref == "p1"
+    assert out.key == f"{SRC}|p1".encode()
+    assert out.envelope.received_at_ms
+
+
+def test_event_ids_are_derived_stably_per_entry() -> None:
+    first = accept(OBS)[0].envelope.event_id
+    assert accept(OBS)[0].envelope.event_id == first
+    assert accept(OBS, event_id="e2")[0].envelope.event_id != first
+
+
+def test_a_transaction_bundle_is_split_into_events() -> None:
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": PATIENT, "request": {"method": "PUT", "url": "Patient/p1"}},
+        {"resource": OBS, "request": {"method": "POST", "url": "Observation"}},
+    ]}
+    out = accept(bundle)
+    assert [o.envelope.resource_type for o in out] == ["Patient", "Observation"]
+    assert [o.envelope.change for o in out] == [ChangeType.UPDATE, ChangeType.CREATE]
+    assert len({o.envelope.event_id for o in out}) == 2
+    assert orjson.loads(out[1].value) == OBS
+
+
+@pytest.mark.parametrize(
+    ("doc", "source", "reason"),
+    [
+        (OBS, "urn:hdx:org:stranger", "unknown-publisher"),
+        (OBS, "", "unknown-publisher"),
+        ({**OBS, "subject": {"reference": "Group/g1"}}, SRC, "broken-reference"),
+        ({k: v for k, v in OBS.items() if k != "subject"}, SRC, "broken-reference"),
+        ({k: v for k, v in PATIENT.items() if k != "id"}, SRC, "no-patient-id"),
+        ({"resourceType": "Organization", "name": "x"}, SRC, "not-patient-data"),
+        ({"resourceType": "Bundle", "type": "searchset"}, SRC, "unsupported-bundle"),
+        ({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {**OBS, "subject": {"reference": "Device/d"}}}]}, SRC,
+         "invalid-bundle-entry"),
+        (b"\x00\x01", SRC, "invalid-json"),
+    ],
+)
+def test_what_is_refused_and_why(doc: object, source: str, reason: str) -> None:
+    with pytest.raises(FhirError) as info:
+        accept(doc, source=source)
+    assert info.value.reason == reason
+    assert info.value.outcome()["issue"]
