@@ -55,8 +55,10 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     try:
         broker = EmbeddedBroker(log_path=log).start()
     except BrokerStartError as exc:
-        pytest.fail(f"no Kafka broker for the tests: no HDX_TEST_KAFKA_BOOTSTRAP, no Docker "
-                    f"engine, and the embedded broker failed: {exc}")
+        pytest.fail(
+            f"no Kafka broker for the tests: no HDX_TEST_KAFKA_BOOTSTRAP, no Docker "
+            f"engine, and the embedded broker failed: {exc}"
+        )
     try:
         yield Broker(broker.bootstrap_servers, "embedded")
     finally:
@@ -67,12 +69,14 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def stack(kafka: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """All three services, each its own process as deployed, on the session's broker."""
     data = tmp_path_factory.mktemp("hdx")
-    env = {"HDX_KAFKA_IDEMPOTENCE": str(kafka.idempotence).lower(),
-           "HDX_ENVIRONMENT": "test", "HDX_LOG_JSON": "true",
-           # Short waits so tests of slow paths stay quick.
-           "HDX_REGISTRY_REFRESH_SECONDS": "0.5"}
-    s = LocalStack(data_dir=Path(data), bootstrap_servers=kafka.bootstrap_servers,
-                   extra_env=env)
+    env = {
+        "HDX_KAFKA_IDEMPOTENCE": str(kafka.idempotence).lower(),
+        "HDX_ENVIRONMENT": "test",
+        "HDX_LOG_JSON": "true",
+        # Short waits so tests of slow paths stay quick.
+        "HDX_REGISTRY_REFRESH_SECONDS": "0.5",
+    }
+    s = LocalStack(data_dir=Path(data), bootstrap_servers=kafka.bootstrap_servers, extra_env=env)
     s.start(ready_timeout=90)
     try:
         yield s

@@ -27,41 +27,82 @@ def nhs_number(rng: random.Random | None = None) -> str:
             return "".join(map(str, digits)) + str(check)
 
 
-def patient(local_id: str, nhs: str, family: str = "Testperson", given: str = "Alex",
-            birth_date: str = "1970-01-01") -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": local_id,
-            "identifier": [{"system": NHS, "value": nhs}],
-            "name": [{"family": family, "given": [given]}],
-            "gender": "female", "birthDate": birth_date}
+def patient(
+    local_id: str,
+    nhs: str,
+    family: str = "Testperson",
+    given: str = "Alex",
+    birth_date: str = "1970-01-01",
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": local_id,
+        "identifier": [{"system": NHS, "value": nhs}],
+        "name": [{"family": family, "given": [given]}],
+        "gender": "female",
+        "birthDate": birth_date,
+    }
 
 
 def observation(local_id: str, patient_id: str, value: float = 5.4) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": local_id, "status": "final",
-            "category": [{"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                "code": "laboratory"}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-            "subject": {"reference": f"Patient/{patient_id}"},
-            "valueQuantity": {"value": value, "unit": "mmol/L"}}
+    return {
+        "resourceType": "Observation",
+        "id": local_id,
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "valueQuantity": {"value": value, "unit": "mmol/L"},
+    }
 
 
 class Publisher:
     """A hospital integrator's plain confluent-kafka producer, with CloudEvents headers."""
 
     def __init__(self, bootstrap: str, *, idempotence: bool) -> None:
-        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
-                                  "enable.idempotence": idempotence, "linger.ms": 1})
+        self.producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "enable.idempotence": idempotence,
+                "linger.ms": 1,
+            }
+        )
 
-    def publish(self, source: str, resource: dict[str, Any] | bytes, *, key: str | None = None,
-                event_id: str | None = None, topic: str = "hdx.inbound") -> str:
+    def publish(
+        self,
+        source: str,
+        resource: dict[str, Any] | bytes,
+        *,
+        key: str | None = None,
+        event_id: str | None = None,
+        topic: str = "hdx.inbound",
+    ) -> str:
         event_id = event_id or str(uuid.uuid4())
         value = resource if isinstance(resource, bytes) else orjson.dumps(resource)
         if key is None and isinstance(resource, dict):
-            ref = resource.get("subject", {}).get("reference", "") if resource.get(
-                "resourceType") != "Patient" else f"Patient/{resource['id']}"
+            ref = (
+                resource.get("subject", {}).get("reference", "")
+                if resource.get("resourceType") != "Patient"
+                else f"Patient/{resource['id']}"
+            )
             key = f"{source}|{ref.removeprefix('Patient/')}"
-        headers = [("ce_id", event_id), ("ce_source", source), ("ce_type", "update"),
-                   ("ce_specversion", "1.0"), ("content-type", "application/fhir+json")]
+        headers = [
+            ("ce_id", event_id),
+            ("ce_source", source),
+            ("ce_type", "update"),
+            ("ce_specversion", "1.0"),
+            ("content-type", "application/fhir+json"),
+        ]
         self.producer.produce(topic, value=value, key=key, headers=headers)
         if self.producer.flush(10) != 0:
             raise AssertionError("the broker did not acknowledge the published message")
@@ -83,9 +124,13 @@ class TopicReader:
     """Reads topics from the beginning without a consumer group (no rebalance waits)."""
 
     def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
-        self.consumer = Consumer({"bootstrap.servers": bootstrap,
-                                  "group.id": f"test-reader-{uuid.uuid4()}",
-                                  "enable.auto.commit": False})
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"test-reader-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+            }
+        )
         self.topics = list(topics)
         self.records: list[Record] = []
         self._assign()
@@ -104,16 +149,22 @@ class TopicReader:
             headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
             self.records.append(Record(msg.topic(), msg.key(), msg.value() or b"", headers))
 
-    def wait_for(self, predicate: Callable[[Record], bool], timeout: float = 30.0,
-                 what: str = "a matching record") -> Record:
+    def wait_for(
+        self,
+        predicate: Callable[[Record], bool],
+        timeout: float = 30.0,
+        what: str = "a matching record",
+    ) -> Record:
         deadline = time.monotonic() + timeout
         while True:
             for r in self.records:
                 if predicate(r):
                     return r
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
-                                     f"saw {len(self.records)} records on {self.topics}")
+                raise AssertionError(
+                    f"timed out after {timeout:.0f}s waiting for {what}; "
+                    f"saw {len(self.records)} records on {self.topics}"
+                )
             self.poll()
 
     def matching(self, predicate: Callable[[Record], bool]) -> list[Record]:

@@ -5,9 +5,13 @@ import pytest
 
 from hdx_shared.fhir import FhirError, Limits, Reference, decode_resource, parse_json
 
-OBS = {"resourceType": "Observation", "id": "o1", "status": "final",
-       "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
-       "subject": {"reference": "Patient/p1"}}
+OBS = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+    "subject": {"reference": "Patient/p1"},
+}
 
 
 def test_a_valid_resource_decodes() -> None:
@@ -42,11 +46,17 @@ def test_invalid_input_gets_an_outcome_that_names_the_problem(
 
 
 def test_bundle_entries_are_validated_with_their_path() -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": OBS, "request": {"method": "PUT", "url": "Observation/o1"}},
-        {"resource": {"resourceType": "Observation", "status": "final"},
-         "request": {"method": "YEET", "url": "Observation"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": OBS, "request": {"method": "PUT", "url": "Observation/o1"}},
+            {
+                "resource": {"resourceType": "Observation", "status": "final"},
+                "request": {"method": "YEET", "url": "Observation"},
+            },
+        ],
+    }
     with pytest.raises(FhirError) as info:
         decode_resource(orjson.dumps(bundle))
     text = orjson.dumps(info.value.outcome()).decode()

@@ -4,7 +4,6 @@ broker: the permit path, the deny path, and invalid input that is dead-lettered.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,28 +39,55 @@ class Exchange:
 
     def consent_denying_recipient(self, nhs: str) -> None:
         consent = {
-            "resourceType": "Consent", "status": "active",
-            "scope": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                "code": "patient-privacy"}]},
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "patient-privacy",
+                    }
+                ]
+            },
             "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
             "patient": {"identifier": {"system": NHS, "value": nhs}},
             "dateTime": "2026-01-01",
-            "policyRule": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]},
-            "provision": {"type": "deny", "actor": [{
-                "role": {"coding": [{
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                    "code": "IRCP"}]},
-                "reference": {"reference": self.recipient}}]},
+            "policyRule": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}
+                ]
+            },
+            "provision": {
+                "type": "deny",
+                "actor": [
+                    {
+                        "role": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                    "code": "IRCP",
+                                }
+                            ]
+                        },
+                        "reference": {"reference": self.recipient},
+                    }
+                ],
+            },
         }
-        r = httpx.post(f"{self.stack.url('consent')}/fhir/Consent", content=orjson.dumps(consent),
-                       headers={"content-type": "application/fhir+json"}, timeout=10)
+        r = httpx.post(
+            f"{self.stack.url('consent')}/fhir/Consent",
+            content=orjson.dumps(consent),
+            headers={"content-type": "application/fhir+json"},
+            timeout=10,
+        )
         assert r.status_code == 201, r.text
 
     def person_of(self, nhs: str) -> str:
-        r = httpx.get(f"{self.stack.url('patient-index')}/fhir/Patient",
-                      params={"identifier": f"{NHS}|{nhs}"}, timeout=10)
+        r = httpx.get(
+            f"{self.stack.url('patient-index')}/fhir/Patient",
+            params={"identifier": f"{NHS}|{nhs}"},
+            timeout=10,
+        )
         assert r.status_code == 200, r.text
         entries = r.json().get("entry", [])
         assert len(entries) == 1, r.text
@@ -69,32 +95,56 @@ class Exchange:
 
 
 @pytest.fixture(scope="module")
-def exchange(stack: LocalStack, kafka: Broker) -> Iterator[Exchange]:
+def exchange(stack: LocalStack, kafka: Broker) -> Exchange:
     tag = uuid.uuid4().hex[:8]
     source = f"urn:hdx:org:test-hospital-{tag}"
     recipient = f"Organization/test-care-home-{tag}"
     ex = stack.url("exchange")
-    r = httpx.post(f"{ex}/admin/publishers", timeout=10, json={
-        "source": source, "name": f"Test hospital {tag}",
-        "patient_identifier_system": f"https://test-{tag}.example.org/patient"})
+    r = httpx.post(
+        f"{ex}/admin/publishers",
+        timeout=10,
+        json={
+            "source": source,
+            "name": f"Test hospital {tag}",
+            "patient_identifier_system": f"https://test-{tag}.example.org/patient",
+        },
+    )
     assert r.status_code == 201, r.text
     subscription = {
-        "resourceType": "Subscription", "status": "requested", "reason": "flow test",
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "flow test",
         "criteria": "Observation",
         "extension": [
-            {"url": "https://hdx.example.org/fhir/StructureDefinition/recipient",
-             "valueReference": {"reference": recipient}},
-            {"url": "https://hdx.example.org/fhir/StructureDefinition/purpose-of-use",
-             "valueCoding": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                             "code": "TREAT"}}],
+            {
+                "url": "https://hdx.example.org/fhir/StructureDefinition/recipient",
+                "valueReference": {"reference": recipient},
+            },
+            {
+                "url": "https://hdx.example.org/fhir/StructureDefinition/purpose-of-use",
+                "valueCoding": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                    "code": "TREAT",
+                },
+            },
+        ],
         "channel": {"type": "message", "payload": "application/fhir+json"},
     }
-    r = httpx.post(f"{ex}/fhir/Subscription", content=orjson.dumps(subscription),
-                   headers={"content-type": "application/fhir+json"}, timeout=10)
+    r = httpx.post(
+        f"{ex}/fhir/Subscription",
+        content=orjson.dumps(subscription),
+        headers={"content-type": "application/fhir+json"},
+        timeout=10,
+    )
     assert r.status_code == 201, r.text
     feed = f"hdx.feed.test-care-home-{tag}"
-    yield Exchange(stack, Publisher(kafka.bootstrap_servers, idempotence=kafka.idempotence),
-                   source, recipient, feed)
+    return Exchange(
+        stack,
+        Publisher(kafka.bootstrap_servers, idempotence=kafka.idempotence),
+        source,
+        recipient,
+        feed,
+    )
 
 
 def _observation_in(record: Record) -> dict[str, Any] | None:
@@ -116,8 +166,11 @@ def test_permitted_observation_reaches_the_feed_with_the_enterprise_id(
         exchange.publisher.publish(exchange.source, patient(pid, nhs))
         exchange.publisher.publish(exchange.source, observation(oid, pid))
 
-        record = feed.wait_for(lambda r: (_observation_in(r) or {}).get("id") == oid,
-                               timeout=60, what=f"Observation {oid} in {exchange.feed}")
+        record = feed.wait_for(
+            lambda r: (_observation_in(r) or {}).get("id") == oid,
+            timeout=60,
+            what=f"Observation {oid} in {exchange.feed}",
+        )
     finally:
         feed.close()
     bundle = record.json()
@@ -152,11 +205,18 @@ def test_denied_observation_never_reaches_the_feed_and_the_deny_is_audited(
         def is_deny_for_this_observation(r: Record) -> bool:
             ev = r.json()
             text = r.value.decode()
-            return (ev.get("resourceType") == "AuditEvent" and oid in text
-                    and exchange.recipient in text and ev.get("outcome") != "0")
+            return (
+                ev.get("resourceType") == "AuditEvent"
+                and oid in text
+                and exchange.recipient in text
+                and ev.get("outcome") != "0"
+            )
 
-        deny = audit.wait_for(is_deny_for_this_observation, timeout=60,
-                              what=f"a deny AuditEvent for Observation {oid}")
+        deny = audit.wait_for(
+            is_deny_for_this_observation,
+            timeout=60,
+            what=f"a deny AuditEvent for Observation {oid}",
+        )
         assert "Denied" not in deny.value.decode(), "an AuditEvent must not carry names"
 
         # A permitted message published after the denied one shows the pipeline has moved
@@ -164,8 +224,11 @@ def test_denied_observation_never_reaches_the_feed_and_the_deny_is_audited(
         pid2, oid2 = f"p-{uuid.uuid4().hex[:8]}", f"o-{uuid.uuid4().hex[:8]}"
         exchange.publisher.publish(exchange.source, patient(pid2, other_nhs))
         exchange.publisher.publish(exchange.source, observation(oid2, pid2))
-        feed.wait_for(lambda r: (_observation_in(r) or {}).get("id") == oid2, timeout=60,
-                      what=f"the permitted Observation {oid2}")
+        feed.wait_for(
+            lambda r: (_observation_in(r) or {}).get("id") == oid2,
+            timeout=60,
+            what=f"the permitted Observation {oid2}",
+        )
         leaked = feed.matching(lambda r: (_observation_in(r) or {}).get("id") == oid)
         assert leaked == [], "a denied Observation reached the subscriber's feed"
     finally:
@@ -177,32 +240,46 @@ def test_invalid_fhir_is_dead_lettered_with_an_outcome_and_valid_traffic_flows_o
     exchange: Exchange, kafka: Broker
 ) -> None:
     pid = f"p-{uuid.uuid4().hex[:8]}"
-    bad = {"resourceType": "Observation", "id": f"bad-{pid}", "status": "final",
-           "subject": {"reference": f"Patient/{pid}"}}  # Observation.code is required
+    bad = {
+        "resourceType": "Observation",
+        "id": f"bad-{pid}",
+        "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+    }  # Observation.code is required
     dlq = TopicReader(kafka.bootstrap_servers, ["hdx.deadletter"])
     feed = TopicReader(kafka.bootstrap_servers, [exchange.feed])
     try:
         bad_id = exchange.publisher.publish(exchange.source, bad)
-        not_json_id = exchange.publisher.publish(exchange.source, b"{this is not json",
-                                                 key=f"{exchange.source}|{pid}")
-        dead = dlq.wait_for(lambda r: r.headers.get("ce_id") == bad_id, timeout=60,
-                            what="the invalid Observation on the dead-letter topic")
+        not_json_id = exchange.publisher.publish(
+            exchange.source, b"{this is not json", key=f"{exchange.source}|{pid}"
+        )
+        dead = dlq.wait_for(
+            lambda r: r.headers.get("ce_id") == bad_id,
+            timeout=60,
+            what="the invalid Observation on the dead-letter topic",
+        )
         outcome = orjson.loads(dead.headers["hdx_outcome"])
         assert outcome["resourceType"] == "OperationOutcome"
         assert any("code" in (i.get("expression") or [""])[0] for i in outcome["issue"]), outcome
         assert dead.headers["hdx_reason"] == "invalid-resource"
         assert dead.headers["ce_source"] == exchange.source
         assert dead.value == orjson.dumps(bad), "the original bytes are kept for replay"
-        junk = dlq.wait_for(lambda r: r.headers.get("ce_id") == not_json_id, timeout=30,
-                            what="the non-JSON message on the dead-letter topic")
+        junk = dlq.wait_for(
+            lambda r: r.headers.get("ce_id") == not_json_id,
+            timeout=30,
+            what="the non-JSON message on the dead-letter topic",
+        )
         assert junk.headers["hdx_reason"] == "invalid-json"
 
         # The services kept running: the next valid message goes through.
         oid = f"o-{uuid.uuid4().hex[:8]}"
         exchange.publisher.publish(exchange.source, patient(pid, nhs_number()))
         exchange.publisher.publish(exchange.source, observation(oid, pid))
-        feed.wait_for(lambda r: (_observation_in(r) or {}).get("id") == oid, timeout=60,
-                      what=f"the valid Observation {oid} after the invalid ones")
+        feed.wait_for(
+            lambda r: (_observation_in(r) or {}).get("id") == oid,
+            timeout=60,
+            what=f"the valid Observation {oid} after the invalid ones",
+        )
     finally:
         dlq.close()
         feed.close()
@@ -213,8 +290,11 @@ def test_unknown_publisher_is_dead_lettered(exchange: Exchange, kafka: Broker) -
     try:
         stranger = f"urn:hdx:org:unknown-{uuid.uuid4().hex[:6]}"
         event_id = exchange.publisher.publish(stranger, patient("x1", nhs_number()))
-        dead = dlq.wait_for(lambda r: r.headers.get("ce_id") == event_id, timeout=60,
-                            what="the unknown publisher's message on the dead-letter topic")
+        dead = dlq.wait_for(
+            lambda r: r.headers.get("ce_id") == event_id,
+            timeout=60,
+            what="the unknown publisher's message on the dead-letter topic",
+        )
         assert dead.headers["hdx_reason"] == "unknown-publisher"
     finally:
         dlq.close()

@@ -10,8 +10,13 @@ from hdx_shared.fhir import FhirError, Limits
 SRC = "urn:hdx:org:st-marys"
 PUBLISHERS = {SRC: Publisher(SRC, "St Mary's", "https://st-marys.example.org/patient")}
 PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female"}
-OBS = {"resourceType": "Observation", "id": "o1", "status": "final",
-       "code": {"text": "glucose"}, "subject": {"reference": "Patient/p1"}}
+OBS = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"text": "glucose"},
+    "subject": {"reference": "Patient/p1"},
+}
 
 
 def accept(doc: object, source: str = SRC, event_id: str = "e1") -> list:  # type: ignore[type-arg]
@@ -36,10 +41,14 @@ def test_event_ids_are_derived_stably_per_entry() -> None:
 
 
 def test_a_transaction_bundle_is_split_into_events() -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": PATIENT, "request": {"method": "PUT", "url": "Patient/p1"}},
-        {"resource": OBS, "request": {"method": "POST", "url": "Observation"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": PATIENT, "request": {"method": "PUT", "url": "Patient/p1"}},
+            {"resource": OBS, "request": {"method": "POST", "url": "Observation"}},
+        ],
+    }
     out = accept(bundle)
     assert [o.envelope.resource_type for o in out] == ["Patient", "Observation"]
     assert [o.envelope.change for o in out] == [ChangeType.UPDATE, ChangeType.CREATE]
@@ -57,9 +66,15 @@ def test_a_transaction_bundle_is_split_into_events() -> None:
         ({k: v for k, v in PATIENT.items() if k != "id"}, SRC, "no-patient-id"),
         ({"resourceType": "Organization", "name": "x"}, SRC, "not-patient-data"),
         ({"resourceType": "Bundle", "type": "searchset"}, SRC, "unsupported-bundle"),
-        ({"resourceType": "Bundle", "type": "collection", "entry": [
-            {"resource": {**OBS, "subject": {"reference": "Device/d"}}}]}, SRC,
-         "invalid-bundle-entry"),
+        (
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": {**OBS, "subject": {"reference": "Device/d"}}}],
+            },
+            SRC,
+            "invalid-bundle-entry",
+        ),
         (b"\x00\x01", SRC, "invalid-json"),
     ],
 )

@@ -9,14 +9,30 @@ RESOURCE = b'{"resourceType":"Observation","id":"o1","status":"final"}'
 
 
 def subscription(payload: PayloadContent = PayloadContent.FULL) -> Subscription:
-    return Subscription("s1", "home", "Organization/home", "TREAT",
-                        Criteria.parse("Observation"), ChannelType.KAFKA, payload=payload)
+    return Subscription(
+        "s1",
+        "home",
+        "Organization/home",
+        "TREAT",
+        Criteria.parse("Observation"),
+        ChannelType.KAFKA,
+        payload=payload,
+    )
 
 
 def notify(payload: PayloadContent = PayloadContent.FULL, number: int = 7) -> dict:  # type: ignore[type-arg]
-    return orjson.loads(build_notification(
-        subscription(payload), event_id="e1", event_number=number, resource_type="Observation",
-        resource_id="o1", resource=RESOURCE, source="urn:hdx:org:a", base_url="http://hdx/fhir"))
+    return orjson.loads(
+        build_notification(
+            subscription(payload),
+            event_id="e1",
+            event_number=number,
+            resource_type="Observation",
+            resource_id="o1",
+            resource=RESOURCE,
+            source="urn:hdx:org:a",
+            base_url="http://hdx/fhir",
+        )
+    )
 
 
 def test_full_resource_notification_has_the_backport_shape() -> None:

@@ -12,15 +12,33 @@ from hdx_exchange.domain.routing import (
 )
 from hdx_shared.fhir import FhirError
 
-LAB = {"resourceType": "Observation", "category": [{"coding": [{
-    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-    "code": "laboratory"}]}], "code": {"coding": [{"system": "http://loinc.org",
-                                                   "code": "2345-7"}]}, "status": "final"}
+LAB = {
+    "resourceType": "Observation",
+    "category": [
+        {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "code": "laboratory",
+                }
+            ]
+        }
+    ],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+    "status": "final",
+}
 
 
 def sub(sid: str, criteria: str, active: bool = True) -> Subscription:
-    return Subscription(sid, "home", "Organization/home", "TREAT", Criteria.parse(criteria),
-                        ChannelType.KAFKA, active=active)
+    return Subscription(
+        sid,
+        "home",
+        "Organization/home",
+        "TREAT",
+        Criteria.parse(criteria),
+        ChannelType.KAFKA,
+        active=active,
+    )
 
 
 @pytest.mark.parametrize(
@@ -38,8 +56,9 @@ def sub(sid: str, criteria: str, active: bool = True) -> Subscription:
         ("Observation?patient=Patient/P2", "Observation", "P1", LAB, False),
     ],
 )
-def test_criteria(criteria: str, resource_type: str, person: str,
-                  resource: dict[str, Any], expected: bool) -> None:
+def test_criteria(
+    criteria: str, resource_type: str, person: str, resource: dict[str, Any], expected: bool
+) -> None:
     assert Criteria.parse(criteria).matches(resource_type, person, lambda: resource) is expected
 
 
@@ -57,9 +76,12 @@ def test_unsupported_criteria_are_refused(bad: str) -> None:
 
 
 def test_only_active_matching_subscriptions_are_candidates() -> None:
-    subs = [sub("a", "Observation"), sub("b", "Observation", active=False),
-            sub("c", "Encounter")]
+    subs = [sub("a", "Observation"), sub("b", "Observation", active=False), sub("c", "Encounter")]
     matched = match_subscriptions(subs, "Observation", "P1", lambda: LAB)
     assert [s.id for s in matched] == ["a"]
-    assert matched[0].candidate() == {"subscription": "a", "subscriber": "home",
-                                      "recipient": "Organization/home", "purpose": "TREAT"}
+    assert matched[0].candidate() == {
+        "subscription": "a",
+        "subscriber": "home",
+        "recipient": "Organization/home",
+        "purpose": "TREAT",
+    }

@@ -12,9 +12,17 @@ def store(tmp_path: Path) -> ExchangeStore:
     s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, service_name="exchange")))
     s.create_schema()
     for sid in ("s1", "s2"):
-        s.save_subscription(SubscriptionRow(
-            id=sid, subscriber="home", recipient="Organization/home", purpose="TREAT",
-            criteria="Observation", channel="kafka", resource=b"{}"))
+        s.save_subscription(
+            SubscriptionRow(
+                id=sid,
+                subscriber="home",
+                recipient="Organization/home",
+                purpose="TREAT",
+                criteria="Observation",
+                channel="kafka",
+                resource=b"{}",
+            )
+        )
     return s
 
 
@@ -22,8 +30,9 @@ def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
     tmp_path: Path,
 ) -> None:
     st = store(tmp_path)
-    first = st.number_events([("s1", "e1", "Observation"), ("s1", "e2", "Observation"),
-                              ("s2", "e1", "Observation")])
+    first = st.number_events(
+        [("s1", "e1", "Observation"), ("s1", "e2", "Observation"), ("s2", "e1", "Observation")]
+    )
     assert first == {("s1", "e1"): 1, ("s1", "e2"): 2, ("s2", "e1"): 1}
     # A redelivered batch, with one new event: old numbers kept, the new one is next.
     again = st.number_events([("s1", "e2", "Observation"), ("s1", "e3", "Observation")])
@@ -36,4 +45,5 @@ def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
 def test_the_same_event_twice_in_one_batch_gets_one_number(tmp_path: Path) -> None:
     st = store(tmp_path)
     assert st.number_events([("s1", "e1", "Observation"), ("s1", "e1", "Observation")]) == {
-        ("s1", "e1"): 1}
+        ("s1", "e1"): 1
+    }

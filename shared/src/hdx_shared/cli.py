@@ -21,8 +21,11 @@ from hdx_shared.envelope import CE_SPECVERSION, FHIR_JSON, Header
 from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics
 
-app = typer.Typer(help="HDX — an open, event-driven FHIR health data exchange over Kafka.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="HDX — an open, event-driven FHIR health data exchange over Kafka.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 DEMO_DIR = Path(__file__).resolve().parents[3] / "deploy" / "demo"
 
@@ -35,8 +38,9 @@ def _settings() -> HdxSettings:
 def run(
     data_dir: Annotated[Path, typer.Option(help="SQLite files and logs go here")] = Path("data"),
     broker_port: Annotated[int, typer.Option(help="embedded broker port")] = 9092,
-    seed: Annotated[bool, typer.Option(help="load the demo publishers, consents and "
-                                             "subscription")] = True,
+    seed: Annotated[
+        bool, typer.Option(help="load the demo publishers, consents and subscription")
+    ] = True,
     demo_dir: Annotated[Path, typer.Option(help="where the demo seed lives")] = DEMO_DIR,
 ) -> None:
     """Start the embedded broker and all three services; Ctrl-C stops everything."""
@@ -68,17 +72,28 @@ def seed_demo(exchange_url: str, consent_url: str, demo_dir: Path = DEMO_DIR) ->
             http.post(f"{exchange_url}/admin/publishers", json=pub).raise_for_status()
         for path in sorted(demo_dir.glob("consent-*.json")):
             consent = orjson.loads(path.read_bytes())
-            http.put(f"{consent_url}/fhir/Consent/{consent['id']}", content=path.read_bytes(),
-                     headers={"content-type": FHIR_JSON}).raise_for_status()
+            http.put(
+                f"{consent_url}/fhir/Consent/{consent['id']}",
+                content=path.read_bytes(),
+                headers={"content-type": FHIR_JSON},
+            ).raise_for_status()
         for path in sorted(demo_dir.glob("subscription-*.json")):
             sub = orjson.loads(path.read_bytes())
-            recipient = next(e["valueReference"]["reference"] for e in sub["extension"]
-                             if e["url"].endswith("/recipient"))
-            existing = http.get(f"{exchange_url}/fhir/Subscription",
-                                params={"subscriber": recipient.rsplit("/", 1)[-1]}).json()
+            recipient = next(
+                e["valueReference"]["reference"]
+                for e in sub["extension"]
+                if e["url"].endswith("/recipient")
+            )
+            existing = http.get(
+                f"{exchange_url}/fhir/Subscription",
+                params={"subscriber": recipient.rsplit("/", 1)[-1]},
+            ).json()
             if not existing.get("total"):
-                http.post(f"{exchange_url}/fhir/Subscription", content=path.read_bytes(),
-                          headers={"content-type": FHIR_JSON}).raise_for_status()
+                http.post(
+                    f"{exchange_url}/fhir/Subscription",
+                    content=path.read_bytes(),
+                    headers={"content-type": FHIR_JSON},
+                ).raise_for_status()
 
 
 def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
@@ -90,8 +105,19 @@ def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
     for name, proc in stack.services.items():
         table.add_row(f"{name} (HTTP, /docs for the API)", proc.url)
     table.add_row("publish to", topics.inbound)
-    table.add_row("internal", ", ".join([topics.validated, topics.identified, topics.routed,
-                                         topics.decided, topics.links, topics.consents]))
+    table.add_row(
+        "internal",
+        ", ".join(
+            [
+                topics.validated,
+                topics.identified,
+                topics.routed,
+                topics.decided,
+                topics.links,
+                topics.consents,
+            ]
+        ),
+    )
     table.add_row("audit / dead letters", f"{topics.audit} / {topics.deadletter}")
     if seeded:
         table.add_row("demo subscriber feed", topics.feed("oakwood-care-home"))
@@ -103,15 +129,19 @@ def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
         f"  hdx publish {examples / 'patient-ada.json'} --source urn:hdx:org:st-marys\n"
         f"  hdx publish {examples / 'observation-ada.json'} --source urn:hdx:org:st-marys\n"
         f"  hdx tail {topics.feed('oakwood-care-home')}\n"
-        "Press Ctrl-C to stop.")
+        "Press Ctrl-C to stop."
+    )
 
 
 def _patient_key(source: str, doc: dict[str, Any]) -> bytes:
     if doc.get("resourceType") == "Patient":
         return f"{source}|{doc.get('id', '')}".encode()
     for element in ("subject", "patient"):
-        ref = (doc.get(element) or {}).get("reference", "") if isinstance(
-            doc.get(element), dict) else ""
+        ref = (
+            (doc.get(element) or {}).get("reference", "")
+            if isinstance(doc.get(element), dict)
+            else ""
+        )
         if ref.startswith("Patient/"):
             return f"{source}|{ref.removeprefix('Patient/')}".encode()
     return source.encode()
@@ -143,15 +173,19 @@ def publish(
                 except orjson.JSONDecodeError:
                     doc = {}
                 event_id = str(uuid.uuid4())
-                headers = [(Header.ID.value, event_id.encode()),
-                           (Header.SOURCE.value, source.encode()),
-                           (Header.TYPE.value, change.encode()),
-                           (Header.SPECVERSION.value, CE_SPECVERSION.encode()),
-                           (Header.CONTENT_TYPE.value, FHIR_JSON.encode())]
-                md = await producer.send_and_wait(target, raw, key=_patient_key(source, doc),
-                                                  headers=headers)
-                console.print(f"{path.name} → {target}[{md.partition}]@{md.offset} "
-                              f"ce_id={event_id}")
+                headers = [
+                    (Header.ID.value, event_id.encode()),
+                    (Header.SOURCE.value, source.encode()),
+                    (Header.TYPE.value, change.encode()),
+                    (Header.SPECVERSION.value, CE_SPECVERSION.encode()),
+                    (Header.CONTENT_TYPE.value, FHIR_JSON.encode()),
+                ]
+                md = await producer.send_and_wait(
+                    target, raw, key=_patient_key(source, doc), headers=headers
+                )
+                console.print(
+                    f"{path.name} → {target}[{md.partition}]@{md.offset} ce_id={event_id}"
+                )
         finally:
             await producer.stop()
 
@@ -171,8 +205,9 @@ def tail(
     async def read() -> None:
         from aiokafka import AIOKafkaConsumer
 
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=servers,
-                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=servers, auto_offset_reset="earliest", enable_auto_commit=False
+        )
         await consumer.start()
         seen = 0
         try:
@@ -183,8 +218,10 @@ def tail(
                 for records in batch.values():
                     for r in records:
                         headers = {k: v.decode(errors="replace") for k, v in r.headers}
-                        console.print(f"[bold]{r.topic}[{r.partition}]@{r.offset}[/bold] "
-                                      f"{orjson.dumps(headers).decode()}")
+                        console.print(
+                            f"[bold]{r.topic}[{r.partition}]@{r.offset}[/bold] "
+                            f"{orjson.dumps(headers).decode()}"
+                        )
                         console.print(r.value.decode(errors="replace") if r.value else "")
                         seen += 1
                         if limit and seen >= limit:

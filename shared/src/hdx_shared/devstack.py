@@ -56,8 +56,12 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.spec.module], env=self.env,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", self.spec.module],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -66,7 +70,8 @@ class ServiceProcess:
             if self.process and self.process.poll() is not None:
                 raise ServiceStartError(
                     f"{self.spec.name} exited with {self.process.returncode}; "
-                    f"last lines of {self.log_path}:\n{self.tail()}")
+                    f"last lines of {self.log_path}:\n{self.tail()}"
+                )
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=1.0)
                 if r.status_code == 200:
@@ -75,8 +80,10 @@ class ServiceProcess:
             except httpx.HTTPError as exc:
                 last = str(exc)
             time.sleep(0.1)
-        raise ServiceStartError(f"{self.spec.name} not ready after {timeout:.0f}s ({last}); "
-                                f"last lines of {self.log_path}:\n{self.tail()}")
+        raise ServiceStartError(
+            f"{self.spec.name} not ready after {timeout:.0f}s ({last}); "
+            f"last lines of {self.log_path}:\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -123,8 +130,9 @@ class LocalStack:
     def start(self, ready_timeout: float = 60.0) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.bootstrap_servers:
-            self.broker = EmbeddedBroker(port=self.ports.get("broker", 0),
-                                         log_path=self.data_dir / "logs" / "broker.log")
+            self.broker = EmbeddedBroker(
+                port=self.ports.get("broker", 0), log_path=self.data_dir / "logs" / "broker.log"
+            )
             self.broker.start()
         try:
             for spec in SERVICES:
@@ -133,8 +141,9 @@ class LocalStack:
                     **os.environ,
                     "HDX_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
                     # The embedded broker has no InitProducerId; Apache Kafka keeps it on.
-                    "HDX_KAFKA_IDEMPOTENCE": "false" if self.broker else
-                    os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
+                    "HDX_KAFKA_IDEMPOTENCE": "false"
+                    if self.broker
+                    else os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
                     "HDX_HTTP_PORT": str(port),
                     "HDX_DATA_DIR": str(self.data_dir),
                     "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",

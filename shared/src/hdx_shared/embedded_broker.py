@@ -71,9 +71,20 @@ class EmbeddedBroker:
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         try:
             self.process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                [
+                    binary,
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             raise BrokerStartError(f"cannot run {binary}: {exc}") from exc
@@ -83,7 +94,8 @@ class EmbeddedBroker:
             raise BrokerStartError(
                 f"Tansu did not listen on {self.bootstrap_servers} within {timeout:.0f}s"
                 + (f" (exited with {code})" if code is not None else "")
-                + (f"; see {self.log_path}" if self.log_path else ""))
+                + (f"; see {self.log_path}" if self.log_path else "")
+            )
         return self
 
     def stop(self) -> None:

@@ -78,8 +78,13 @@ def model_class(resource_type: str) -> Any:
     except (KeyError, ValueError) as exc:
         raise FhirError(
             "unknown-resource-type",
-            [Issue(f"'{resource_type}' is not a FHIR R4 resource type", code="not-supported",
-                   expression="resourceType")],
+            [
+                Issue(
+                    f"'{resource_type}' is not a FHIR R4 resource type",
+                    code="not-supported",
+                    expression="resourceType",
+                )
+            ],
         ) from exc
 
 
@@ -123,8 +128,12 @@ def parse_json(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     if len(raw) > limits.max_bytes:
         raise FhirError(
             "too-large",
-            [Issue(f"message is {len(raw)} bytes; the limit is {limits.max_bytes}",
-                   code="too-costly")],
+            [
+                Issue(
+                    f"message is {len(raw)} bytes; the limit is {limits.max_bytes}",
+                    code="too-costly",
+                )
+            ],
             http_status=413,
         )
     try:
@@ -132,9 +141,13 @@ def parse_json(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     except _StrictJsonError as exc:
         raise FhirError("invalid-json", [Issue(str(exc), code="structure")]) from exc
     except (ValueError, RecursionError) as exc:
-        raise FhirError("invalid-json", [Issue(f"not valid JSON: {exc}", code="structure")]) from exc
+        raise FhirError(
+            "invalid-json", [Issue(f"not valid JSON: {exc}", code="structure")]
+        ) from exc
     if type(doc) is not dict:
-        raise FhirError("invalid-json", [Issue("a FHIR resource is a JSON object", code="structure")])
+        raise FhirError(
+            "invalid-json", [Issue("a FHIR resource is a JSON object", code="structure")]
+        )
     try:
         _depth(doc, limits.max_depth)
     except _StrictJsonError as exc:
@@ -146,17 +159,47 @@ def parse_json(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
 REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ("Patient", "gender"): frozenset({"male", "female", "other", "unknown"}),
     ("Observation", "status"): frozenset(
-        {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
-         "entered-in-error", "unknown"}),
+        {
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
     ("Encounter", "status"): frozenset(
-        {"planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled",
-         "entered-in-error", "unknown"}),
+        {
+            "planned",
+            "arrived",
+            "triaged",
+            "in-progress",
+            "onleave",
+            "finished",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
     ("Condition", "clinicalStatus"): frozenset(),  # CodeableConcept: checked by the model
     ("Bundle", "type"): frozenset(
-        {"document", "message", "transaction", "transaction-response", "batch",
-         "batch-response", "history", "searchset", "collection"}),
+        {
+            "document",
+            "message",
+            "transaction",
+            "transaction-response",
+            "batch",
+            "batch-response",
+            "history",
+            "searchset",
+            "collection",
+        }
+    ),
     ("Consent", "status"): frozenset(
-        {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}),
+        {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}
+    ),
 }
 REQUEST_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"})
 
@@ -169,9 +212,13 @@ def _check_codes(doc: dict[str, Any], where: str) -> list[Issue]:
             continue
         value = doc[element]
         if value not in allowed:
-            issues.append(Issue(
-                f"{t}.{element} '{value}' is not one of {', '.join(sorted(allowed))}",
-                code="code-invalid", expression=f"{where}{element}"))
+            issues.append(
+                Issue(
+                    f"{t}.{element} '{value}' is not one of {', '.join(sorted(allowed))}",
+                    code="code-invalid",
+                    expression=f"{where}{element}",
+                )
+            )
     return issues
 
 
@@ -180,8 +227,13 @@ def _pydantic_issues(exc: ValidationError, where: str) -> list[Issue]:
     for err in exc.errors()[:20]:
         path = ".".join(str(p) for p in err["loc"] if p != "__root__")
         kind = "required" if err["type"] == "missing" else "value"
-        out.append(Issue(f"{path or '(resource)'}: {err['msg']}", code=kind,
-                         expression=f"{where}{path}" if path else where.rstrip(".") or None))
+        out.append(
+            Issue(
+                f"{path or '(resource)'}: {err['msg']}",
+                code=kind,
+                expression=f"{where}{path}" if path else where.rstrip(".") or None,
+            )
+        )
     return out
 
 
@@ -189,8 +241,10 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
     """Check one resource (a Bundle with its entries) against FHIR R4; FhirError if not."""
     rtype = doc.get("resourceType")
     if not isinstance(rtype, str):
-        raise FhirError("not-fhir", [Issue("resourceType is missing", code="required",
-                                           expression=f"{where}resourceType")])
+        raise FhirError(
+            "not-fhir",
+            [Issue("resourceType is missing", code="required", expression=f"{where}resourceType")],
+        )
     model = model_class(rtype)
     issues = _check_codes(doc, where)
     if rtype == "Bundle":
@@ -201,9 +255,13 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
                 continue
             req = entry.get("request")
             if isinstance(req, dict) and req.get("method") not in REQUEST_METHODS:
-                issues.append(Issue(f"request.method '{req.get('method')}' is not an HTTP verb "
-                                    "FHIR allows", code="code-invalid",
-                                    expression=f"{at}request.method"))
+                issues.append(
+                    Issue(
+                        f"request.method '{req.get('method')}' is not an HTTP verb FHIR allows",
+                        code="code-invalid",
+                        expression=f"{at}request.method",
+                    )
+                )
             res = entry.get("resource")
             if isinstance(res, dict):
                 try:
@@ -211,8 +269,7 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
                 except FhirError as exc:
                     issues.extend(exc.issues)
             elif res is not None:
-                issues.append(Issue("entry.resource is a JSON object",
-                                    expression=f"{at}resource"))
+                issues.append(Issue("entry.resource is a JSON object", expression=f"{at}resource"))
         if issues:
             raise FhirError("invalid-resource", issues)
         # Entries were validated one by one above: the Bundle model itself only sees its shell.
@@ -235,10 +292,22 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
 def decode_resource(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     """Parse and validate FHIR JSON bytes; the dict, or FhirError with an OperationOutcome."""
     doc = parse_json(raw, limits)
-    if doc.get("resourceType") == "Bundle" and len(doc.get("entry", ())) > limits.max_bundle_entries:
-        raise FhirError("too-large", [Issue(
-            f"Bundle has {len(doc['entry'])} entries; the limit is {limits.max_bundle_entries}",
-            code="too-costly", expression="entry")], http_status=413)
+    if (
+        doc.get("resourceType") == "Bundle"
+        and len(doc.get("entry", ())) > limits.max_bundle_entries
+    ):
+        raise FhirError(
+            "too-large",
+            [
+                Issue(
+                    f"Bundle has {len(doc['entry'])} entries; "
+                    f"the limit is {limits.max_bundle_entries}",
+                    code="too-costly",
+                    expression="entry",
+                )
+            ],
+            http_status=413,
+        )
     validate_resource(doc)
     return doc
 

@@ -47,21 +47,29 @@ def install_fhir_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> Response:
-        issues = [Issue(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
-                  for e in exc.errors()[:20]]
+        issues = [
+            Issue(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") for e in exc.errors()[:20]
+        ]
         return outcome_response(400, issues)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not-found", 401: "login", 403: "forbidden", 405: "not-supported",
-                409: "conflict", 412: "conflict"}.get(exc.status_code, "processing")
+        code = {
+            404: "not-found",
+            401: "login",
+            403: "forbidden",
+            405: "not-supported",
+            409: "conflict",
+            412: "conflict",
+        }.get(exc.status_code, "processing")
         return outcome_response(exc.status_code, [Issue(str(exc.detail), code=code)])
 
     @app.exception_handler(Exception)
     async def _crash(_req: Request, exc: Exception) -> Response:
         log.exception("unhandled error in HTTP handler")
-        return outcome_response(500, [Issue(f"internal error: {type(exc).__name__}",
-                                            code="exception")])
+        return outcome_response(
+            500, [Issue(f"internal error: {type(exc).__name__}", code="exception")]
+        )
 
 
 ReadinessCheck = Callable[[], str | None]
@@ -82,8 +90,11 @@ class ServiceRuntime:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = [] if self.started else ["starting"]
-        reasons += [f"{s.name}: {s.reason}" for s in self.stages if not s.ready
-                    and s.reason != "not started" and s.reason != "ok"]
+        reasons += [
+            f"{s.name}: {s.reason}"
+            for s in self.stages
+            if not s.ready and s.reason != "not started" and s.reason != "ok"
+        ]
         reasons += [r for check in self.readiness_checks if (r := check())]
         return reasons
 
@@ -103,12 +114,22 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
         body = {
             "status": "ready" if not reasons else "not-ready",
             "reasons": reasons,
-            "stages": [{"name": s.name, "ready": s.ready, "reason": s.reason,
-                        "messages": s.messages, "dead_lettered": s.dead_lettered}
-                       for s in runtime.stages],
+            "stages": [
+                {
+                    "name": s.name,
+                    "ready": s.ready,
+                    "reason": s.reason,
+                    "messages": s.messages,
+                    "dead_lettered": s.dead_lettered,
+                }
+                for s in runtime.stages
+            ],
         }
-        return Response(orjson.dumps(body), status_code=200 if not reasons else 503,
-                        media_type="application/json")
+        return Response(
+            orjson.dumps(body),
+            status_code=200 if not reasons else 503,
+            media_type="application/json",
+        )
 
     return router
 
@@ -149,5 +170,11 @@ def serve(app: FastAPI, settings: HdxSettings) -> None:
     """Run one service in this process until SIGINT/SIGTERM."""
     import uvicorn
 
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port,
-                log_config=None, access_log=False, lifespan="on")
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )

@@ -16,6 +16,7 @@ Two kinds of failure are told apart:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ def dead_letter(
     """A dead-letter record: the original bytes, and why, as headers (so it can be replayed)."""
     import orjson
 
-    headers = {k: v for k, v in message.envelope.to_headers().items()}
+    headers = dict(message.envelope.to_headers())
     # The original content type travels on: the value is exactly what was received.
     headers.pop(Header.CONTENT_TYPE.value, None)
     headers[Header.REASON.value] = reason
@@ -131,13 +132,11 @@ async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec]) -> N
         missing = [s for s in specs if s.name not in existing]
         if not missing:
             return
-        try:
-            await admin.create_topics([
-                NewTopic(s.name, s.partitions, 1, topic_configs=s.topic_config())
-                for s in missing
-            ])
-        except TopicAlreadyExistsError:
-            pass  # another service created it first
+        # Another service may have created it in the meantime: that is fine.
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics(
+                [NewTopic(s.name, s.partitions, 1, topic_configs=s.topic_config()) for s in missing]
+            )
     finally:
         await admin.close()
 
@@ -222,8 +221,9 @@ def add_stage(
                 attempts.key, attempts.count = key, 0
             attempts.count += 1
             if attempts.count < settings.max_delivery_attempts:
-                log.exception("stage %s failed on %s (attempt %d)", name,
-                              batch[0].origin, attempts.count)
+                log.exception(
+                    "stage %s failed on %s (attempt %d)", name, batch[0].origin, attempts.count
+                )
                 await asyncio.sleep(min(0.1 * 2**attempts.count, 2.0))
                 raise
             out = await _isolate_poison(batch, handler, topics, health, name)
@@ -258,11 +258,20 @@ async def _isolate_poison(
             raise
         except Exception as exc:
             # The exception type and text say why; the payload itself is never logged.
-            log.error("stage %s dead-letters %s after repeated failure: %s",
-                      name, message.origin, type(exc).__name__)
+            log.error(
+                "stage %s dead-letters %s after repeated failure: %s",
+                name,
+                message.origin,
+                type(exc).__name__,
+            )
             health.dead_lettered += 1
-            outcome = operation_outcome([Issue(
-                f"{name} could not process this message: {type(exc).__name__}: {exc}"[:500],
-                code="exception")])
+            outcome = operation_outcome(
+                [
+                    Issue(
+                        f"{name} could not process this message: {type(exc).__name__}: {exc}"[:500],
+                        code="exception",
+                    )
+                ]
+            )
             out.append(dead_letter(topics, message, "processing-failed", outcome))
     return out

@@ -25,9 +25,7 @@ class HdxSettings(BaseSettings):
     # cannot do InitProducerId, so `make run` and the tests turn it off.
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_idempotence: bool = True
-    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_username: str | None = None
     kafka_password: str | None = None

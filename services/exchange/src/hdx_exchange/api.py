@@ -13,11 +13,11 @@ from hdx_exchange.domain.ingress import Publisher
 from hdx_exchange.domain.subscriptions import subscription_from_fhir
 from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import Registry
+from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
 from hdx_shared.fhir import FHIR_JSON, decode_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import ensure_topics
-from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics, TopicSpec
 
 
@@ -29,8 +29,12 @@ class PublisherIn(BaseModel):
 
 
 def _searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
 
 
 def _subscription_resource(row: SubscriptionRow) -> dict[str, Any]:
@@ -42,21 +46,29 @@ def _subscription_resource(row: SubscriptionRow) -> dict[str, Any]:
     return doc
 
 
-def build_routers(store: ExchangeStore, registry: Registry, topics: Topics,
-                  settings: HdxSettings) -> list[APIRouter]:
+def build_routers(
+    store: ExchangeStore, registry: Registry, topics: Topics, settings: ExchangeSettings
+) -> list[APIRouter]:
     admin = APIRouter(prefix="/admin", tags=["publishers"])
 
     @admin.get("/publishers")
     async def list_publishers() -> list[PublisherIn]:
-        return [PublisherIn(source=p.source, name=p.name,
-                            patient_identifier_system=p.patient_identifier_system,
-                            active=p.active) for p in store.publishers().values()]
+        return [
+            PublisherIn(
+                source=p.source,
+                name=p.name,
+                patient_identifier_system=p.patient_identifier_system,
+                active=p.active,
+            )
+            for p in store.publishers().values()
+        ]
 
     @admin.post("/publishers", status_code=201)
     async def put_publisher(body: PublisherIn) -> PublisherIn:
         """Register (or update) a source allowed to publish."""
-        store.put_publisher(Publisher(body.source, body.name, body.patient_identifier_system,
-                                      body.active))
+        store.put_publisher(
+            Publisher(body.source, body.name, body.patient_identifier_system, body.active)
+        )
         registry.refresh()
         return body
 
@@ -68,18 +80,32 @@ def build_routers(store: ExchangeStore, registry: Registry, topics: Topics,
         doc = decode_resource(raw)
         sid = str(uuid.uuid4())
         sub = subscription_from_fhir(doc, sid)
-        await ensure_topics(settings.kafka_bootstrap_servers,
-                            [TopicSpec(topics.feed(sub.subscriber))])
+        await ensure_topics(
+            settings.kafka_bootstrap_servers, [TopicSpec(topics.feed(sub.subscriber))]
+        )
         doc["id"] = sid
         doc["status"] = "active"
-        store.save_subscription(SubscriptionRow(
-            id=sid, subscriber=sub.subscriber, recipient=sub.recipient, purpose=sub.purpose,
-            criteria=doc["criteria"], channel=sub.channel.value, endpoint=sub.endpoint,
-            headers="\n".join(sub.headers), payload=sub.payload.value, status="active",
-            resource=orjson.dumps(doc)))
+        store.save_subscription(
+            SubscriptionRow(
+                id=sid,
+                subscriber=sub.subscriber,
+                recipient=sub.recipient,
+                purpose=sub.purpose,
+                criteria=doc["criteria"],
+                channel=sub.channel.value,
+                endpoint=sub.endpoint,
+                headers="\n".join(sub.headers),
+                payload=sub.payload.value,
+                status="active",
+                resource=orjson.dumps(doc),
+            )
+        )
         registry.refresh()
-        return FhirResponse(doc, status_code=201,
-                            headers={"Location": f"{settings.public_base_url}/Subscription/{sid}"})
+        return FhirResponse(
+            doc,
+            status_code=201,
+            headers={"Location": f"{settings.public_base_url}/Subscription/{sid}"},
+        )
 
     @fhir.get("/Subscription/{sid}")
     async def read_subscription(sid: str) -> Response:
@@ -98,27 +124,56 @@ def build_routers(store: ExchangeStore, registry: Registry, topics: Topics,
         row = store.subscription_row(sid)
         if row is None:
             raise HTTPException(404, f"Subscription/{sid} is not known")
-        status = {"resourceType": "Parameters", "parameter": [
-            {"name": "subscription", "valueReference": {"reference": f"Subscription/{sid}"}},
-            {"name": "status", "valueCode": row.status},
-            {"name": "type", "valueCode": "query-status"},
-            {"name": "events-since-subscription-start", "valueString": str(row.event_count)},
-            {"name": "feed", "valueString": topics.feed(row.subscriber)},
-        ]}
-        return FhirResponse({"resourceType": "Bundle", "type": "history",
-                             "entry": [{"resource": status}]})
+        status = {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "subscription", "valueReference": {"reference": f"Subscription/{sid}"}},
+                {"name": "status", "valueCode": row.status},
+                {"name": "type", "valueCode": "query-status"},
+                {"name": "events-since-subscription-start", "valueString": str(row.event_count)},
+                {"name": "feed", "valueString": topics.feed(row.subscriber)},
+            ],
+        }
+        return FhirResponse(
+            {"resourceType": "Bundle", "type": "history", "entry": [{"resource": status}]}
+        )
 
     @fhir.get("/metadata")
     async def capability_statement() -> Response:
-        return Response(orjson.dumps({
-            "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-            "fhirVersion": "4.0.1", "format": ["json"], "date": "2026-11-25",
-            "rest": [{"mode": "server", "resource": [{
-                "type": "Subscription",
-                "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
-                "operation": [{"name": "status", "definition":
-                               "http://hl7.org/fhir/uv/subscriptions-backport/"
-                               "OperationDefinition/backport-subscription-status"}]}]}],
-        }), media_type=FHIR_JSON)
+        return Response(
+            orjson.dumps(
+                {
+                    "resourceType": "CapabilityStatement",
+                    "status": "active",
+                    "kind": "instance",
+                    "fhirVersion": "4.0.1",
+                    "format": ["json"],
+                    "date": "2026-11-25",
+                    "rest": [
+                        {
+                            "mode": "server",
+                            "resource": [
+                                {
+                                    "type": "Subscription",
+                                    "interaction": [
+                                        {"code": "create"},
+                                        {"code": "read"},
+                                        {"code": "search-type"},
+                                    ],
+                                    "operation": [
+                                        {
+                                            "name": "status",
+                                            "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"
+                                            "OperationDefinition/backport-subscription-status",
+                                        }
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ),
+            media_type=FHIR_JSON,
+        )
 
     return [admin, fhir]

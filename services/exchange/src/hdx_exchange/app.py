@@ -27,20 +27,30 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     store = ExchangeStore(make_engine(settings))
     registry = Registry(store)
     pipeline = ExchangePipeline(
-        registry=registry, store=store, topics=topics,
-        limits=Limits(settings.max_message_bytes, settings.max_json_depth,
-                      settings.max_bundle_entries),
+        registry=registry,
+        store=store,
+        topics=topics,
+        limits=Limits(
+            settings.max_message_bytes, settings.max_json_depth, settings.max_bundle_entries
+        ),
         base_url=settings.public_base_url,
     )
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
-    common = {"settings": settings, "topics": topics}
     runtime.stages += [
-        add_stage(broker, name="ingress", topic=topics.inbound,
-                  group_id="hdx-exchange-ingress", handler=pipeline.ingress, **common),
-        add_stage(broker, name="router", topic=topics.identified,
-                  group_id="hdx-exchange-router", handler=pipeline.route, **common),
-        add_stage(broker, name="delivery", topic=topics.decided,
-                  group_id="hdx-exchange-delivery", handler=pipeline.deliver, **common),
+        add_stage(
+            broker,
+            name=name,
+            topic=topic,
+            group_id=f"hdx-exchange-{name}",
+            handler=handler,
+            settings=settings,
+            topics=topics,
+        )
+        for name, topic, handler in (
+            ("ingress", topics.inbound, pipeline.ingress),
+            ("router", topics.identified, pipeline.route),
+            ("delivery", topics.decided, pipeline.deliver),
+        )
     ]
     runtime.readiness_checks.append(lambda: registry.error)
     refresher: list[asyncio.Task[None]] = []
@@ -64,5 +74,6 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)
-    return create_service_app(runtime, title="HDX exchange",
-                              routers=build_routers(store, registry, topics, settings))
+    return create_service_app(
+        runtime, title="HDX exchange", routers=build_routers(store, registry, topics, settings)
+    )

@@ -69,18 +69,27 @@ class ExchangePipeline:
             try:
                 if len(m.value) > OFFLOAD_BYTES:
                     accepted = await asyncio.to_thread(
-                        accept_message, m.value, m.envelope, self.registry.publishers,
-                        self.limits, m.origin)
+                        accept_message,
+                        m.value,
+                        m.envelope,
+                        self.registry.publishers,
+                        self.limits,
+                        m.origin,
+                    )
                 else:
-                    accepted = accept_message(m.value, m.envelope, self.registry.publishers,
-                                              self.limits, m.origin)
+                    accepted = accept_message(
+                        m.value, m.envelope, self.registry.publishers, self.limits, m.origin
+                    )
             except FhirError as exc:
-                log.info("dead-lettered %s from %s: %s", m.origin, m.envelope.source or "?",
-                         exc.reason)
+                log.info(
+                    "dead-lettered %s from %s: %s", m.origin, m.envelope.source or "?", exc.reason
+                )
                 out.append(dead_letter_for(self.topics, m, exc))
                 continue
-            out.extend(Outgoing(self.topics.validated, a.value, a.key, a.envelope.to_headers())
-                       for a in accepted)
+            out.extend(
+                Outgoing(self.topics.validated, a.value, a.key, a.envelope.to_headers())
+                for a in accepted
+            )
         return out
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
@@ -90,8 +99,9 @@ class ExchangePipeline:
         for m in batch:
             env = m.envelope
             parsed = cache(lambda v=m.value: orjson.loads(v))  # parsed only if a filter asks
-            matched = match_subscriptions(subscriptions, env.resource_type or "", env.person,
-                                          parsed)
+            matched = match_subscriptions(
+                subscriptions, env.resource_type or "", env.person, parsed
+            )
             if not matched:
                 continue
             candidates = orjson.dumps([s.candidate() for s in matched]).decode()
@@ -121,14 +131,24 @@ class ExchangePipeline:
             env = m.envelope
             number = numbers[(sub.id, env.event_id)]
             bundle = build_notification(
-                sub, event_id=env.event_id, event_number=number,
-                resource_type=env.resource_type or "", resource_id=_resource_id(m.value),
-                resource=m.value, source=env.source, base_url=self.base_url)
+                sub,
+                event_id=env.event_id,
+                event_number=number,
+                resource_type=env.resource_type or "",
+                resource_id=_resource_id(m.value),
+                resource=m.value,
+                source=env.source,
+                base_url=self.base_url,
+            )
             if sub.channel is ChannelType.KAFKA:
-                headers = env.without_extra(Header.CANDIDATES, Header.PERMITTED).with_extra(
-                    hdx_subscription=sub.id, hdx_event_number=str(number)).to_headers()
-                out.append(Outgoing(self.topics.feed(sub.subscriber), bundle,
-                                    env.key_by_person(), headers))
+                headers = (
+                    env.without_extra(Header.CANDIDATES, Header.PERMITTED)
+                    .with_extra(hdx_subscription=sub.id, hdx_event_number=str(number))
+                    .to_headers()
+                )
+                out.append(
+                    Outgoing(self.topics.feed(sub.subscriber), bundle, env.key_by_person(), headers)
+                )
             else:
                 log.warning("rest-hook delivery is not available; subscription %s", sub.id)
         return out

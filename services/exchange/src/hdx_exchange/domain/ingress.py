@@ -37,13 +37,25 @@ class AcceptedResource:
 
 # Elements that point at the patient a resource is about, by resource type (FHIR R4).
 PATIENT_ELEMENT: dict[str, str] = {
-    "Observation": "subject", "Encounter": "subject", "Condition": "subject",
-    "Procedure": "subject", "DiagnosticReport": "subject", "MedicationRequest": "subject",
-    "MedicationStatement": "subject", "MedicationAdministration": "subject",
-    "ServiceRequest": "subject", "CarePlan": "subject", "DocumentReference": "subject",
-    "Immunization": "patient", "AllergyIntolerance": "patient", "Flag": "subject",
-    "ClinicalImpression": "subject", "QuestionnaireResponse": "subject",
-    "Specimen": "subject", "EpisodeOfCare": "patient", "Appointment": "participant",
+    "Observation": "subject",
+    "Encounter": "subject",
+    "Condition": "subject",
+    "Procedure": "subject",
+    "DiagnosticReport": "subject",
+    "MedicationRequest": "subject",
+    "MedicationStatement": "subject",
+    "MedicationAdministration": "subject",
+    "ServiceRequest": "subject",
+    "CarePlan": "subject",
+    "DocumentReference": "subject",
+    "Immunization": "patient",
+    "AllergyIntolerance": "patient",
+    "Flag": "subject",
+    "ClinicalImpression": "subject",
+    "QuestionnaireResponse": "subject",
+    "Specimen": "subject",
+    "EpisodeOfCare": "patient",
+    "Appointment": "participant",
 }
 BUNDLE_TYPES_ACCEPTED = frozenset({"transaction", "batch", "collection", "message"})
 
@@ -54,31 +66,63 @@ def patient_ref_of(resource: Mapping[str, Any], where: str = "") -> str:
     if rtype == "Patient":
         rid = resource.get("id")
         if not isinstance(rid, str):
-            raise FhirError("no-patient-id", [Issue(
-                "a Patient needs its id: it is the publisher's local patient identifier",
-                code="required", expression=f"{where}id")])
+            raise FhirError(
+                "no-patient-id",
+                [
+                    Issue(
+                        "a Patient needs its id: it is the publisher's local patient identifier",
+                        code="required",
+                        expression=f"{where}id",
+                    )
+                ],
+            )
         return rid
     element = PATIENT_ELEMENT.get(rtype)
     if element is None:
-        raise FhirError("not-patient-data", [Issue(
-            f"HDX exchanges patient data; {rtype} is not routed", code="not-supported",
-            expression=f"{where}resourceType")], http_status=422)
+        raise FhirError(
+            "not-patient-data",
+            [
+                Issue(
+                    f"HDX exchanges patient data; {rtype} is not routed",
+                    code="not-supported",
+                    expression=f"{where}resourceType",
+                )
+            ],
+            http_status=422,
+        )
     ref_obj = resource.get(element)
     if element == "participant" and isinstance(ref_obj, list):
-        ref_obj = next((p.get("actor") for p in ref_obj if isinstance(p, dict)
-                        and str((p.get("actor") or {}).get("reference", "")).startswith(
-                            "Patient/")), None)
+        ref_obj = next(
+            (
+                p.get("actor")
+                for p in ref_obj
+                if isinstance(p, dict)
+                and str((p.get("actor") or {}).get("reference", "")).startswith("Patient/")
+            ),
+            None,
+        )
     ref = ref_obj.get("reference") if isinstance(ref_obj, dict) else None
     parsed = Reference.parse(ref) if isinstance(ref, str) else None
     if parsed is None or parsed.resource_type != "Patient":
-        raise FhirError("broken-reference", [Issue(
-            f"{rtype}.{element} must reference the patient as 'Patient/<local id>'",
-            code="required", expression=f"{where}{element}.reference")], http_status=422)
+        raise FhirError(
+            "broken-reference",
+            [
+                Issue(
+                    f"{rtype}.{element} must reference the patient as 'Patient/<local id>'",
+                    code="required",
+                    expression=f"{where}{element}.reference",
+                )
+            ],
+            http_status=422,
+        )
     return parsed.id
 
 
 def accept_message(
-    raw: bytes, envelope: Envelope, publishers: Mapping[str, Publisher], limits: Limits,
+    raw: bytes,
+    envelope: Envelope,
+    publishers: Mapping[str, Publisher],
+    limits: Limits,
     fallback_id: str,
 ) -> list[AcceptedResource]:
     """Validate one inbound message and split it into routable resources, or raise FhirError.
@@ -88,29 +132,50 @@ def accept_message(
     """
     publisher = publishers.get(envelope.source)
     if not envelope.source or publisher is None or not publisher.active:
-        raise FhirError("unknown-publisher", [Issue(
-            f"source '{envelope.source or '(missing ce_source)'}' is not a registered publisher",
-            code="security")], http_status=403)
+        raise FhirError(
+            "unknown-publisher",
+            [
+                Issue(
+                    f"source '{envelope.source or '(missing ce_source)'}' is not a registered "
+                    "publisher",
+                    code="security",
+                )
+            ],
+            http_status=403,
+        )
     doc = decode_resource(raw, limits)
     origin_id = envelope.event_id or fallback_id
     received = now_ms()
 
-    def event(resource: dict[str, Any], value: bytes, index: int, change: ChangeType,
-              where: str) -> AcceptedResource:
-        return AcceptedResource(value, envelope.evolve(
-            event_id=derive_event_id(envelope.source, origin_id, str(index)),
-            change=change,
-            resource_type=resource["resourceType"],
-            patient_ref=patient_ref_of(resource, where),
-            received_at_ms=received,
-        ))
+    def event(
+        resource: dict[str, Any], value: bytes, index: int, change: ChangeType, where: str
+    ) -> AcceptedResource:
+        return AcceptedResource(
+            value,
+            envelope.evolve(
+                event_id=derive_event_id(envelope.source, origin_id, str(index)),
+                change=change,
+                resource_type=resource["resourceType"],
+                patient_ref=patient_ref_of(resource, where),
+                received_at_ms=received,
+            ),
+        )
 
     if doc["resourceType"] != "Bundle":
         return [event(doc, raw, 0, envelope.change, "")]
     if doc.get("type") not in BUNDLE_TYPES_ACCEPTED:
-        raise FhirError("unsupported-bundle", [Issue(
-            f"Bundle.type '{doc.get('type')}' is not published; use transaction, batch, "
-            "collection or message", code="not-supported", expression="type")], http_status=422)
+        raise FhirError(
+            "unsupported-bundle",
+            [
+                Issue(
+                    f"Bundle.type '{doc.get('type')}' is not published; use transaction, batch, "
+                    "collection or message",
+                    code="not-supported",
+                    expression="type",
+                )
+            ],
+            http_status=422,
+        )
     out: list[AcceptedResource] = []
     issues: list[Issue] = []
     for i, entry in enumerate(doc.get("entry", ())):
@@ -118,8 +183,11 @@ def accept_message(
         if resource is None or resource.get("resourceType") == "MessageHeader":
             continue  # a DELETE without a body, or the message's header: nothing to route
         method = (entry.get("request") or {}).get("method")
-        change = {"POST": ChangeType.CREATE, "PUT": ChangeType.UPDATE,
-                  "DELETE": ChangeType.DELETE}.get(method or "", envelope.change)
+        change = {
+            "POST": ChangeType.CREATE,
+            "PUT": ChangeType.UPDATE,
+            "DELETE": ChangeType.DELETE,
+        }.get(method or "", envelope.change)
         try:
             out.append(event(resource, orjson.dumps(resource), i, change, f"entry[{i}].resource."))
         except FhirError as exc:
@@ -127,6 +195,8 @@ def accept_message(
     if issues:
         raise FhirError("invalid-bundle-entry", issues, http_status=422)
     if not out:
-        raise FhirError("empty-bundle", [Issue("the Bundle carries no resource to route",
-                                               code="required", expression="entry")])
+        raise FhirError(
+            "empty-bundle",
+            [Issue("the Bundle carries no resource to route", code="required", expression="entry")],
+        )
     return out

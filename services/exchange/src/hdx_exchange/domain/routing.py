@@ -23,8 +23,13 @@ class PayloadContent(StrEnum):
 
 
 # Search parameters a criteria string may use, and where each looks in the resource.
-TOKEN_PARAMS: dict[str, str] = {"category": "category", "code": "code", "status": "status",
-                                "class": "class", "type": "type"}
+TOKEN_PARAMS: dict[str, str] = {
+    "category": "category",
+    "code": "code",
+    "status": "status",
+    "class": "class",
+    "type": "type",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +44,15 @@ class Criteria:
     def parse(cls, text: str) -> Criteria:
         rtype, _, query = text.strip().partition("?")
         if not rtype or not rtype[0].isupper() or "/" in rtype:
-            raise FhirError("invalid-criteria", [Issue(
-                f"criteria '{text}' must start with a resource type, e.g. Observation?...",
-                expression="criteria")])
+            raise FhirError(
+                "invalid-criteria",
+                [
+                    Issue(
+                        f"criteria '{text}' must start with a resource type, e.g. Observation?...",
+                        expression="criteria",
+                    )
+                ],
+            )
         filters: list[tuple[str, tuple[str, ...]]] = []
         patient = None
         for name, value in parse_qsl(query, keep_blank_values=False):
@@ -50,14 +61,22 @@ class Criteria:
             elif name in TOKEN_PARAMS:
                 filters.append((name, tuple(value.split(","))))
             else:
-                raise FhirError("invalid-criteria", [Issue(
-                    f"search parameter '{name}' is not supported in criteria; HDX supports "
-                    f"patient, {', '.join(TOKEN_PARAMS)}", code="not-supported",
-                    expression="criteria")])
+                raise FhirError(
+                    "invalid-criteria",
+                    [
+                        Issue(
+                            f"search parameter '{name}' is not supported in criteria; HDX supports "
+                            f"patient, {', '.join(TOKEN_PARAMS)}",
+                            code="not-supported",
+                            expression="criteria",
+                        )
+                    ],
+                )
         return cls(rtype, tuple(filters), patient)
 
-    def matches(self, resource_type: str, person: str | None,
-                resource: Callable[[], Mapping[str, Any]]) -> bool:
+    def matches(
+        self, resource_type: str, person: str | None, resource: Callable[[], Mapping[str, Any]]
+    ) -> bool:
         if resource_type != self.resource_type:
             return False
         if self.patient is not None and self.patient != person:
@@ -65,8 +84,9 @@ class Criteria:
         if not self.filters:
             return True
         doc = resource()
-        return all(_token_matches(doc.get(TOKEN_PARAMS[name]), wanted)
-                   for name, wanted in self.filters)
+        return all(
+            _token_matches(doc.get(TOKEN_PARAMS[name]), wanted) for name, wanted in self.filters
+        )
 
 
 def _codes(value: Any) -> Iterable[tuple[str | None, str]]:
@@ -110,14 +130,21 @@ class Subscription:
 
     def candidate(self) -> dict[str, str]:
         """What consent is asked to decide for this subscription."""
-        return {"subscription": self.id, "subscriber": self.subscriber,
-                "recipient": self.recipient, "purpose": self.purpose}
+        return {
+            "subscription": self.id,
+            "subscriber": self.subscriber,
+            "recipient": self.recipient,
+            "purpose": self.purpose,
+        }
 
 
 def match_subscriptions(
-    subscriptions: Iterable[Subscription], resource_type: str, person: str | None,
+    subscriptions: Iterable[Subscription],
+    resource_type: str,
+    person: str | None,
     resource: Callable[[], Mapping[str, Any]],
 ) -> list[Subscription]:
     """The active subscriptions whose criteria this resource meets."""
-    return [s for s in subscriptions
-            if s.active and s.criteria.matches(resource_type, person, resource)]
+    return [
+        s for s in subscriptions if s.active and s.criteria.matches(resource_type, person, resource)
+    ]
