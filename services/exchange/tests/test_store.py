@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.store import ExchangeStore
@@ -8,8 +11,9 @@ from hdx_shared.db import make_engine
 from hdx_shared.settings import HdxSettings
 
 
-def store(tmp_path: Path) -> ExchangeStore:
-    s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, service_name="exchange")))
+@pytest.fixture
+def st(database_url: str, tmp_path: Path) -> Iterator[ExchangeStore]:
+    s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, database_url=database_url)))
     s.create_schema()
     for sid in ("s1", "s2"):
         s.save_subscription(
@@ -23,13 +27,13 @@ def store(tmp_path: Path) -> ExchangeStore:
                 resource=b"{}",
             )
         )
-    return s
+    yield s
+    s.engine.dispose()
 
 
 def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
-    tmp_path: Path,
+    st: ExchangeStore,
 ) -> None:
-    st = store(tmp_path)
     first = st.number_events(
         [("s1", "e1", "Observation"), ("s1", "e2", "Observation"), ("s2", "e1", "Observation")]
     )
@@ -42,8 +46,7 @@ def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
     assert row is not None and row.event_count == 3
 
 
-def test_the_same_event_twice_in_one_batch_gets_one_number(tmp_path: Path) -> None:
-    st = store(tmp_path)
+def test_the_same_event_twice_in_one_batch_gets_one_number(st: ExchangeStore) -> None:
     assert st.number_events([("s1", "e1", "Observation"), ("s1", "e1", "Observation")]) == {
         ("s1", "e1"): 1
     }
