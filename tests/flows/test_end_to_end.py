@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from hdx_shared.devstack import LocalStack
-from tests.conftest import Broker
+from hdx_shared.embedded_broker import BrokerEndpoint as Broker
 from tests.support import (
     NHS,
     PERSON_SYSTEM,

@@ -16,6 +16,19 @@ from pathlib import Path
 from typing import IO
 
 
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    """Where a Kafka-protocol broker answers, and what kind it is."""
+
+    bootstrap_servers: str
+    kind: str  # "external" | "testcontainers" | "embedded"
+
+    @property
+    def idempotence(self) -> bool:
+        # Tansu cannot do InitProducerId; Apache Kafka can and should.
+        return self.kind != "embedded"
+
+
 class BrokerStartError(RuntimeError):
     """The embedded broker could not be started; the message says why."""
 
