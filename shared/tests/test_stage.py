@@ -26,13 +26,13 @@ from hdx_shared.topics import Topics, TopicSpec
 pytestmark = [pytest.mark.broker]
 
 
-async def _read(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[bytes]:
+async def _read(bootstrap: str, topic: str, count: int, wait_s: float = 30) -> list[bytes]:
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
     )
     await consumer.start()
     out: list[bytes] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait_s
     try:
         while len(out) < count and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
@@ -125,7 +125,7 @@ async def test_unavailable_state_waits_and_never_dead_letters(kafka: BrokerEndpo
         return [Outgoing(dst, m.value) for m in batch]
 
     values = [b"x", b"y", b"z"]
-    broker, health, dst, topics = await _run_stage(kafka, needs_state, values)
+    broker, health, dst, _ = await _run_stage(kafka, needs_state, values)
     try:
         await asyncio.sleep(0.5)
         got = await _read(kafka.bootstrap_servers, dst, 3)
