@@ -32,6 +32,25 @@ def test_a_valid_resource_decodes() -> None:
         (b'{"id": "x"}', "not-fhir", "resourceType"),
         (b'{"resourceType": "Observation", "status": "final"}', "invalid-resource", "code"),
         (b'{"resourceType": "Bundle", "type": "nonsense"}', "invalid-resource", "Bundle.type"),
+        # fhir.resources alone coerces these; FHIR JSON does not allow them.
+        (b'{"resourceType": "Patient", "active": "true"}', "invalid-resource", "JSON boolean"),
+        (
+            b'{"resourceType": "Patient", "multipleBirthInteger": "2"}',
+            "invalid-resource",
+            "JSON integer",
+        ),
+        (b'{"resourceType": "Patient", "name": {"family": "X"}}', "invalid-resource", "array"),
+        (
+            b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"id": "x"}}]}',
+            "invalid-resource",
+            "resourceType is missing",
+        ),
+        (
+            b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": '
+            b'{"resourceType": "Nope"}}]}',
+            "invalid-resource",
+            "Nope",
+        ),
     ],
 )
 def test_invalid_input_gets_an_outcome_that_names_the_problem(

@@ -19,6 +19,8 @@ import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from hdx_shared.fhir_json_types import check_types, element_specs
+
 FHIR_VERSION = "4.0.1"
 FHIR_JSON = "application/fhir+json"
 
@@ -237,6 +239,12 @@ def _pydantic_issues(exc: ValidationError, where: str) -> list[Issue]:
     return out
 
 
+def _type_issues(doc: dict[str, Any], model: Any, where: str) -> list[Issue]:
+    return [
+        Issue(d, code=c, expression=e) for d, c, e in check_types(doc, model, where, model_class)
+    ]
+
+
 def validate_resource(doc: dict[str, Any], where: str = "") -> None:
     """Check one resource (a Bundle with its entries) against FHIR R4; FhirError if not."""
     rtype = doc.get("resourceType")
@@ -248,11 +256,18 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
     model = model_class(rtype)
     issues = _check_codes(doc, where)
     if rtype == "Bundle":
+        # Entries are checked one by one, each resource against its own type; the Bundle
+        # model itself only sees its shell.
+        shell = {k: v for k, v in doc.items() if k != "entry"}
+        issues += _type_issues(shell, model, where)
+        entry_model = element_specs(model)["entry"][2]
         for i, entry in enumerate(doc.get("entry", ())):
             at = f"{where}entry[{i}]."
             if not isinstance(entry, dict):
                 issues.append(Issue("a Bundle entry is a JSON object", expression=at.rstrip(".")))
                 continue
+            outer = {k: v for k, v in entry.items() if k != "resource"}
+            issues += _type_issues(outer, entry_model, at)
             req = entry.get("request")
             if isinstance(req, dict) and req.get("method") not in REQUEST_METHODS:
                 issues.append(
@@ -272,13 +287,15 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
                 issues.append(Issue("entry.resource is a JSON object", expression=f"{at}resource"))
         if issues:
             raise FhirError("invalid-resource", issues)
-        # Entries were validated one by one above: the Bundle model itself only sees its shell.
-        shell = {k: v for k, v in doc.items() if k != "entry"}
         try:
             model.model_validate(shell)
         except ValidationError as exc:
             raise FhirError("invalid-resource", _pydantic_issues(exc, where)) from exc
         return
+    issues += _type_issues(doc, model, where)
+    if issues:
+        # Wrong JSON types first: the model's coercing messages would only repeat them.
+        raise FhirError("invalid-resource", issues)
     try:
         model.model_validate(doc)
     except ValidationError as exc:
