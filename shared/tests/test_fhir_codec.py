@@ -41,7 +41,8 @@ def test_a_valid_resource_decodes() -> None:
         ),
         (b'{"resourceType": "Patient", "name": {"family": "X"}}', "invalid-resource", "array"),
         (
-            b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"id": "x"}}]}',
+            b'{"resourceType": "Bundle", "type": "collection", "entry": '
+            b'[{"resource": {"id": "x"}}]}',
             "invalid-resource",
             "resourceType is missing",
         ),
