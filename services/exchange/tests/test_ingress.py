@@ -76,6 +76,14 @@ def test_a_transaction_bundle_is_split_into_events() -> None:
             "invalid-bundle-entry",
         ),
         (b"\x00\x01", SRC, "invalid-json"),
+        (
+            {
+                **PATIENT,
+                "identifier": [{"system": "https://st-marys.example.org/patient", "value": "p2"}],
+            },
+            SRC,
+            "mismatched-source",
+        ),
     ],
 )
 def test_what_is_refused_and_why(doc: object, source: str, reason: str) -> None:

@@ -9,13 +9,13 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from hdx_exchange.domain.ingress import Publisher
+from hdx_exchange.domain.ingress import PATIENT_ELEMENT, Publisher
 from hdx_exchange.domain.subscriptions import subscription_from_fhir
 from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import Registry
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
-from hdx_shared.fhir import FHIR_JSON, decode_resource
+from hdx_shared.fhir import FHIR_JSON, FHIR_VERSION, decode_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import ensure_topics
 from hdx_shared.topics import Topics, TopicSpec
@@ -140,35 +140,44 @@ def build_routers(
 
     @fhir.get("/metadata")
     async def capability_statement() -> Response:
+        """What this server really does: publishing (no reads of clinical data) and
+        Subscriptions."""
+        published = [
+            {
+                "type": t,
+                "interaction": [{"code": "create"}, {"code": "update"}],
+                "documentation": "published to subscribers; HDX keeps no copy to read back",
+            }
+            for t in ["Patient", *sorted(PATIENT_ELEMENT)]
+        ]
+        subscription = {
+            "type": "Subscription",
+            "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+            "searchParam": [{"name": "subscriber", "type": "token"}],
+            "operation": [
+                {
+                    "name": "status",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"
+                    "OperationDefinition/backport-subscription-status",
+                }
+            ],
+        }
         return Response(
             orjson.dumps(
                 {
                     "resourceType": "CapabilityStatement",
                     "status": "active",
                     "kind": "instance",
-                    "fhirVersion": "4.0.1",
-                    "format": ["json"],
                     "date": "2026-11-25",
+                    "fhirVersion": FHIR_VERSION,
+                    "format": ["json"],
+                    "software": {"name": "HDX exchange", "version": "0.1.0"},
+                    "implementation": {"description": "HDX", "url": settings.public_base_url},
                     "rest": [
                         {
                             "mode": "server",
-                            "resource": [
-                                {
-                                    "type": "Subscription",
-                                    "interaction": [
-                                        {"code": "create"},
-                                        {"code": "read"},
-                                        {"code": "search-type"},
-                                    ],
-                                    "operation": [
-                                        {
-                                            "name": "status",
-                                            "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"
-                                            "OperationDefinition/backport-subscription-status",
-                                        }
-                                    ],
-                                }
-                            ],
+                            "resource": [*published, subscription],
+                            "interaction": [{"code": "transaction"}, {"code": "batch"}],
                         }
                     ],
                 }

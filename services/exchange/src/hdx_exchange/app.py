@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 
 from hdx_exchange.api import build_routers
 from hdx_exchange.pipeline import ExchangePipeline, Registry
+from hdx_exchange.rest_publish import publishing_router
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import Limits
 from hdx_shared.http import ServiceRuntime, create_service_app
-from hdx_shared.messaging import add_stage, make_broker
+from hdx_shared.messaging import Outgoing, add_stage, make_broker, publish_all
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
 from hdx_shared.topics import Topics
 
@@ -74,6 +76,12 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)
-    return create_service_app(
-        runtime, title="HDX exchange", routers=build_routers(store, registry, topics, settings)
-    )
+
+    async def publish(outgoing: Sequence[Outgoing]) -> None:
+        await publish_all(broker, outgoing)
+
+    routers = [
+        *build_routers(store, registry, topics, settings),
+        publishing_router(registry, topics, pipeline.limits, publish),
+    ]
+    return create_service_app(runtime, title="HDX exchange", routers=routers)

@@ -118,6 +118,35 @@ def patient_ref_of(resource: Mapping[str, Any], where: str = "") -> str:
     return parsed.id
 
 
+def check_own_identifier(resource: Mapping[str, Any], publisher: Publisher, where: str) -> None:
+    """A Patient that carries the publisher's own identifier must carry it for itself.
+
+    Patient.id is the publisher's local id; an identifier in the publisher's own system
+    with another value means the message is about someone else, or came from someone else.
+    """
+    if resource.get("resourceType") != "Patient":
+        return
+    for i, ident in enumerate(resource.get("identifier", ())):
+        if (
+            isinstance(ident, dict)
+            and ident.get("system") == publisher.patient_identifier_system
+            and ident.get("value") != resource.get("id")
+        ):
+            raise FhirError(
+                "mismatched-source",
+                [
+                    Issue(
+                        f"identifier[{i}] in {publisher.source}'s own system "
+                        f"({publisher.patient_identifier_system}) is '{ident.get('value')}', "
+                        f"but the Patient's id is '{resource.get('id')}'",
+                        code="business-rule",
+                        expression=f"{where}identifier[{i}]",
+                    )
+                ],
+                http_status=422,
+            )
+
+
 def accept_message(
     raw: bytes,
     envelope: Envelope,
@@ -150,6 +179,7 @@ def accept_message(
     def event(
         resource: dict[str, Any], value: bytes, index: int, change: ChangeType, where: str
     ) -> AcceptedResource:
+        check_own_identifier(resource, publisher, where)
         return AcceptedResource(
             value,
             envelope.evolve(
