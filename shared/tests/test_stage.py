@@ -53,7 +53,7 @@ async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes]):  # ty
         service_name="stage-test",
     )
     await ensure_topics(
-        kafka.bootstrap_servers,
+        settings,
         [TopicSpec(src, 1), TopicSpec(dst, 1), TopicSpec(topics.deadletter, 1)],
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)

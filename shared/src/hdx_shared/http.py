@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from faststream.kafka import KafkaBroker
+from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
@@ -141,7 +142,7 @@ def create_service_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await ensure_topics(runtime.settings.kafka_bootstrap_servers, runtime.topics.core())
+        await ensure_topics(runtime.settings, runtime.topics.core())
         for hook in runtime.on_start:
             await hook()
         await start_broker(runtime.broker)
@@ -161,6 +162,8 @@ def create_service_app(
     app = FastAPI(title=title, lifespan=lifespan, default_response_class=FhirResponse)
     install_fhir_errors(app)
     app.include_router(health_router(runtime))
+    # Prometheus scrapes this; the Kafka middleware and the stages feed it.
+    app.mount("/metrics", make_asgi_app())
     for r in routers:
         app.include_router(r)
     return app

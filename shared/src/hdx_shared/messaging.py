@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
-from faststream.security import SASLPlaintext, SASLScram256, SASLScram512
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from hdx_shared.envelope import Envelope, Header
 from hdx_shared.fhir import FhirError, Issue, operation_outcome
@@ -98,17 +99,44 @@ def dead_letter_for(topics: Topics, message: Inbound, error: FhirError) -> Outgo
     return dead_letter(topics, message, error.reason, error.outcome())
 
 
+def _ssl_context(settings: HdxSettings) -> ssl.SSLContext | None:
+    # The system trust store, or SSL_CERT_FILE (e.g. a Strimzi cluster CA) when it is set.
+    if settings.kafka_security_protocol in ("SASL_SSL", "SSL"):
+        return ssl.create_default_context()
+    return None
+
+
+def client_config(settings: HdxSettings) -> dict[str, Any]:
+    """aiokafka connection arguments (admin clients, bare producers) from the settings."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "ssl_context": _ssl_context(settings),
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        config |= {
+            "sasl_mechanism": (settings.kafka_sasl_mechanism or "SCRAM-SHA-512").upper(),
+            "sasl_plain_username": settings.kafka_username,
+            "sasl_plain_password": settings.kafka_password,
+        }
+    return config
+
+
 def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
     """A faststream broker set up for HDX: acks from all replicas, idempotence where it works."""
     security: Any = None
+    context = _ssl_context(settings)
     if settings.kafka_security_protocol.startswith("SASL"):
         mech = (settings.kafka_sasl_mechanism or "SCRAM-SHA-512").upper()
         cls = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256}.get(mech, SASLScram512)
         security = cls(
             username=settings.kafka_username or "",
             password=settings.kafka_password or "",
-            use_ssl=settings.kafka_security_protocol == "SASL_SSL",
+            use_ssl=context is not None,
+            ssl_context=context,
         )
+    elif context is not None:
+        security = BaseSecurity(ssl_context=context, use_ssl=True)
     return KafkaBroker(
         settings.kafka_bootstrap_servers,
         acks="all",
@@ -123,19 +151,23 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
     )
 
 
-async def ensure_topics(bootstrap_servers: str, specs: Sequence[TopicSpec]) -> None:
+async def ensure_topics(settings: HdxSettings, specs: Sequence[TopicSpec]) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(**client_config(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         if not missing:
             return
+        replicas = settings.topic_replication_factor
         # Another service may have created it in the meantime: that is fine.
         with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(
-                [NewTopic(s.name, s.partitions, 1, topic_configs=s.topic_config()) for s in missing]
+                [
+                    NewTopic(s.name, s.partitions, replicas, topic_configs=s.topic_config())
+                    for s in missing
+                ]
             )
     finally:
         await admin.close()

@@ -30,6 +30,8 @@ class HdxSettings(BaseSettings):
     kafka_username: str | None = None
     kafka_password: str | None = None
     topic_prefix: str = "hdx."
+    # Replicas for topics a service creates itself (feeds; core topics when no job made them).
+    topic_replication_factor: int = Field(default=1, ge=1)
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=20, ge=0)
     # A message whose handling raises this many times in a row is dead-lettered.

@@ -95,9 +95,15 @@ def setup_tracing(settings: HdxSettings) -> TracerProvider | None:
 
 
 def kafka_middlewares(provider: TracerProvider | None) -> list[Any]:
-    """faststream's own Kafka tracing layer (one layer per client; never two)."""
-    if provider is None:
-        return []
-    from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+    """faststream's own Kafka layers: Prometheus metrics always (messages in and out per
+    topic, processing time, errors), tracing when a provider is configured (one tracing
+    layer per client; never two)."""
+    from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+    from prometheus_client import REGISTRY
 
-    return [KafkaTelemetryMiddleware(tracer_provider=provider)]
+    middlewares: list[Any] = [KafkaPrometheusMiddleware(registry=REGISTRY, metrics_prefix="hdx")]
+    if provider is not None:
+        from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+
+        middlewares.append(KafkaTelemetryMiddleware(tracer_provider=provider))
+    return middlewares

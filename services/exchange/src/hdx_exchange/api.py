@@ -80,9 +80,7 @@ def build_routers(
         doc = decode_resource(raw)
         sid = str(uuid.uuid4())
         sub = subscription_from_fhir(doc, sid)
-        await ensure_topics(
-            settings.kafka_bootstrap_servers, [TopicSpec(topics.feed(sub.subscriber))]
-        )
+        await ensure_topics(settings, [TopicSpec(topics.feed(sub.subscriber))])
         doc["id"] = sid
         doc["status"] = "active"
         store.save_subscription(
