@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hdx_exchange.models import SubscriptionRow
-from hdx_exchange.store import ExchangeStore
+from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.db import make_engine
 from hdx_shared.settings import HdxSettings
 
@@ -35,11 +35,17 @@ def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
     st: ExchangeStore,
 ) -> None:
     first = st.number_events(
-        [("s1", "e1", "Observation"), ("s1", "e2", "Observation"), ("s2", "e1", "Observation")]
+        [
+            Numbering("s1", "e1", "Observation"),
+            Numbering("s1", "e2", "Observation"),
+            Numbering("s2", "e1", "Observation"),
+        ]
     )
     assert first == {("s1", "e1"): 1, ("s1", "e2"): 2, ("s2", "e1"): 1}
     # A redelivered batch, with one new event: old numbers kept, the new one is next.
-    again = st.number_events([("s1", "e2", "Observation"), ("s1", "e3", "Observation")])
+    again = st.number_events(
+        [Numbering("s1", "e2", "Observation"), Numbering("s1", "e3", "Observation")]
+    )
     assert again == {("s1", "e2"): 2, ("s1", "e3"): 3}
     assert [d.event_number for d in st.deliveries("s1")] == [1, 2, 3]
     row = st.subscription_row("s1")
@@ -47,6 +53,28 @@ def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
 
 
 def test_the_same_event_twice_in_one_batch_gets_one_number(st: ExchangeStore) -> None:
-    assert st.number_events([("s1", "e1", "Observation"), ("s1", "e1", "Observation")]) == {
-        ("s1", "e1"): 1
-    }
+    assert st.number_events(
+        [Numbering("s1", "e1", "Observation"), Numbering("s1", "e1", "Observation")]
+    ) == {("s1", "e1"): 1}
+
+
+def test_rest_hook_notifications_queue_once_and_leave_in_order(st: ExchangeStore) -> None:
+    st.number_events([Numbering("s1", f"e{i}", "Observation") for i in range(3)])
+    st.queue_notifications([("s1", f"e{i}", f"bundle{i}".encode()) for i in range(3)])
+    first = st.next_pending("s1")
+    assert first is not None and first.event_number == 1 and first.payload == b"bundle0"
+    assert first.id is not None
+    st.record_attempt(first.id, state="delivered", error=None, next_at=None)
+    # A redelivered event does not queue a notification that was already sent.
+    st.queue_notifications([("s1", "e0", b"bundle0")])
+    nxt = st.next_pending("s1")
+    assert nxt is not None and nxt.event_number == 2
+    assert st.subscriptions_with_pending() == ["s1"]
+
+
+def test_only_one_replica_dispatches_a_subscription(st: ExchangeStore) -> None:
+    assert st.claim_dispatch("s1", "replica-a", 30)
+    assert not st.claim_dispatch("s1", "replica-b", 30)
+    assert st.claim_dispatch("s1", "replica-a", 30)  # renewal
+    st.release_dispatch("s1", "replica-a")
+    assert st.claim_dispatch("s1", "replica-b", 30)

@@ -199,6 +199,7 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
 
 
 Handler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Outgoing]]]
+Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 
 
 @dataclass

@@ -136,6 +136,46 @@ def build_routers(
             {"resourceType": "Bundle", "type": "history", "entry": [{"resource": status}]}
         )
 
+    @fhir.get("/Subscription/{sid}/$events")
+    async def subscription_events(
+        sid: str, eventsSinceNumber: int = 0, eventsUntilNumber: int | None = None
+    ) -> Response:
+        """What was sent (or is waiting), by event number: a subscriber that saw a gap
+        asks for the range it missed."""
+        row = store.subscription_row(sid)
+        if row is None:
+            raise HTTPException(404, f"Subscription/{sid} is not known")
+        since = max(eventsSinceNumber - 1, 0)
+        events = store.deliveries(sid, since=since, until=eventsUntilNumber)
+        parts = [
+            {
+                "name": "notification-event",
+                "part": [
+                    {"name": "event-number", "valueString": str(d.event_number)},
+                    {"name": "timestamp", "valueInstant": d.created_at.isoformat()},
+                    *(
+                        [{"name": "focus", "valueReference": {"reference": d.focus}}]
+                        if d.focus
+                        else []
+                    ),
+                ],
+            }
+            for d in events
+        ]
+        status = {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "subscription", "valueReference": {"reference": f"Subscription/{sid}"}},
+                {"name": "status", "valueCode": row.status},
+                {"name": "type", "valueCode": "query-event"},
+                {"name": "events-since-subscription-start", "valueString": str(row.event_count)},
+                *parts,
+            ],
+        }
+        return FhirResponse(
+            {"resourceType": "Bundle", "type": "history", "entry": [{"resource": status}]}
+        )
+
     @fhir.get("/metadata")
     async def capability_statement() -> Response:
         """What this server really does: publishing (no reads of clinical data) and
@@ -157,7 +197,12 @@ def build_routers(
                     "name": "status",
                     "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"
                     "OperationDefinition/backport-subscription-status",
-                }
+                },
+                {
+                    "name": "events",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/"
+                    "OperationDefinition/backport-subscription-events",
+                },
             ],
         }
         return Response(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from hdx_exchange.api import build_routers
+from hdx_exchange.dispatcher import RestHookDispatcher
 from hdx_exchange.pipeline import ExchangePipeline, Registry
 from hdx_exchange.rest_publish import publishing_router
 from hdx_exchange.settings import ExchangeSettings
@@ -37,6 +38,12 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
         ),
         base_url=settings.public_base_url,
     )
+
+    async def publish(outgoing: Sequence[Outgoing]) -> None:
+        await publish_all(broker, outgoing)
+
+    dispatcher = RestHookDispatcher(store, registry, settings, topics, publish)
+    pipeline.on_queued = dispatcher.wake
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
     runtime.stages += [
         add_stage(
@@ -55,7 +62,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
         )
     ]
     runtime.readiness_checks.append(lambda: registry.error)
-    refresher: list[asyncio.Task[None]] = []
+    background: list[asyncio.Task[None]] = []
 
     async def keep_registry_fresh() -> None:
         while True:
@@ -65,10 +72,11 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     async def start() -> None:
         store.create_schema()
         registry.refresh()
-        refresher.append(asyncio.create_task(keep_registry_fresh()))
+        background.append(asyncio.create_task(keep_registry_fresh()))
+        background.append(asyncio.create_task(dispatcher.run()))
 
     async def stop() -> None:
-        for task in refresher:
+        for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -76,9 +84,6 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)
-
-    async def publish(outgoing: Sequence[Outgoing]) -> None:
-        await publish_all(broker, outgoing)
 
     routers = [
         *build_routers(store, registry, topics, settings),

@@ -38,6 +38,9 @@ class SubscriptionRow(SQLModel, table=True):
     event_count: int = 0  # the last event number handed out
     resource: bytes  # the Subscription as the subscriber sent it
     updated_at: datetime = Field(default_factory=_now)
+    # Which exchange replica sends this subscription's rest-hook notifications, until when.
+    dispatch_owner: str | None = None
+    dispatch_lease_until: datetime | None = None
 
 
 class DeliveryRow(SQLModel, table=True):
@@ -52,4 +55,11 @@ class DeliveryRow(SQLModel, table=True):
     event_id: str
     event_number: int
     resource_type: str
+    focus: str | None = None  # e.g. Observation/o1, for $events
     created_at: datetime = Field(default_factory=_now)
+    # rest-hook only: the notification waiting to be sent, and how sending went.
+    state: str = "numbered"  # numbered (Kafka feed) | pending | delivered | failed
+    payload: bytes | None = None
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -19,7 +19,7 @@ import orjson
 from hdx_exchange.domain.ingress import Publisher, accept_message
 from hdx_exchange.domain.notification import build_notification
 from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscriptions
-from hdx_exchange.store import ExchangeStore
+from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.envelope import Header
 from hdx_shared.fhir import FhirError, Limits
 from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for
@@ -61,6 +61,7 @@ class ExchangePipeline:
     topics: Topics
     limits: Limits
     base_url: str
+    on_queued: Callable[[], None] | None = None
 
     async def ingress(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
@@ -111,9 +112,11 @@ class ExchangePipeline:
 
     async def deliver(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
-        wanted: list[tuple[str, str, str]] = []
-        work: list[tuple[Inbound, Subscription]] = []
+        wanted: list[Numbering] = []
+        work: list[tuple[Inbound, Subscription, str | None]] = []
         for m in batch:
+            env = m.envelope
+            resource_id: str | None = None
             for cand in _permitted(m):
                 sub = self.registry.subscriptions.get(cand.get("subscription", ""))
                 if sub is None:
@@ -121,13 +124,16 @@ class ExchangePipeline:
                     raise Unavailable(f"subscription {cand.get('subscription')} not loaded yet")
                 if not sub.active:
                     continue
-                wanted.append((sub.id, m.envelope.event_id, m.envelope.resource_type or ""))
-                work.append((m, sub))
+                resource_id = resource_id or _resource_id(m.value)
+                focus = f"{env.resource_type}/{resource_id}" if resource_id else None
+                wanted.append(Numbering(sub.id, env.event_id, env.resource_type or "", focus))
+                work.append((m, sub, resource_id))
         if not work:
             return []
         numbers = await asyncio.to_thread(self.store.number_events, wanted)
         out: list[Outgoing] = []
-        for m, sub in work:
+        queued: list[tuple[str, str, bytes]] = []
+        for m, sub, resource_id in work:
             env = m.envelope
             number = numbers[(sub.id, env.event_id)]
             bundle = build_notification(
@@ -135,7 +141,7 @@ class ExchangePipeline:
                 event_id=env.event_id,
                 event_number=number,
                 resource_type=env.resource_type or "",
-                resource_id=_resource_id(m.value),
+                resource_id=resource_id,
                 resource=m.value,
                 source=env.source,
                 base_url=self.base_url,
@@ -150,8 +156,16 @@ class ExchangePipeline:
                     Outgoing(self.topics.feed(sub.subscriber), bundle, env.key_by_person(), headers)
                 )
             else:
-                log.warning("rest-hook delivery is not available; subscription %s", sub.id)
+                queued.append((sub.id, env.event_id, bundle))
+        if queued:
+            # Durable before the offsets are committed; the dispatcher sends them in order.
+            await asyncio.to_thread(self.store.queue_notifications, queued)
+            self.notify_dispatcher()
         return out
+
+    def notify_dispatcher(self) -> None:
+        if self.on_queued is not None:
+            self.on_queued()
 
 
 def _permitted(m: Inbound) -> list[dict[str, Any]]:

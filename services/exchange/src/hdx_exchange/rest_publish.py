@@ -11,7 +11,6 @@ own event id in `ce-id`, which makes a retried request the same event).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -22,10 +21,8 @@ from hdx_exchange.pipeline import Registry
 from hdx_shared.envelope import ChangeType, Envelope
 from hdx_shared.fhir import FhirError, Issue, Limits, operation_outcome, parse_json
 from hdx_shared.http import FhirResponse
-from hdx_shared.messaging import Outgoing
+from hdx_shared.messaging import Outgoing, Publish
 from hdx_shared.topics import Topics
-
-Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 
 
 def publishing_router(

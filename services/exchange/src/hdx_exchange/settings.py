@@ -18,3 +18,10 @@ class ExchangeSettings(HdxSettings):
     registry_refresh_seconds: float = Field(default=2.0, gt=0)
     # The base URL subscribers see in notification Bundles.
     public_base_url: str = "http://127.0.0.1:8003/fhir"
+    # rest-hook channels: each POST's timeout, retries with exponential back-off and full
+    # jitter, then the notification is dead-lettered and the Subscription shows the error.
+    rest_hook_timeout_seconds: float = Field(default=5.0, gt=0)
+    rest_hook_max_attempts: int = Field(default=6, ge=1)
+    rest_hook_backoff_base_seconds: float = Field(default=0.5, gt=0)
+    rest_hook_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    rest_hook_lease_seconds: float = Field(default=30.0, gt=0)

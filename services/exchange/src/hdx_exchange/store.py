@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
@@ -19,6 +22,18 @@ from hdx_exchange.domain.routing import (
 from hdx_exchange.models import DeliveryRow, PublisherRow, SubscriptionRow
 from hdx_shared.messaging import Unavailable
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Numbering:
+    """An event to number for a subscription."""
+
+    subscription_id: str
+    event_id: str
+    resource_type: str
+    focus: str | None = None
+
 
 def _subscription(row: SubscriptionRow) -> Subscription:
     return Subscription(
@@ -31,7 +46,7 @@ def _subscription(row: SubscriptionRow) -> Subscription:
         endpoint=row.endpoint,
         headers=tuple(h for h in row.headers.split("\n") if h),
         payload=PayloadContent(row.payload),
-        active=row.status == "active",
+        active=row.status in ("active", "error"),
     )
 
 
@@ -84,24 +99,27 @@ class ExchangeStore:
             s.commit()
 
     # Deliveries -----------------------------------------------------------------------
-    def number_events(self, wanted: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], int]:
-        """Event numbers for (subscription, event id, resource type), in the order given.
+    def number_events(self, wanted: Sequence[Numbering]) -> dict[tuple[str, str], int]:
+        """Event numbers for (subscription, event), in the order given.
 
         An event numbered before keeps its number; new ones take the subscription's next
         numbers. One transaction: numbers are never handed out twice or skipped.
         """
+        return self._guarded(self._number_events, wanted)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return self._number_events(wanted)
+            return fn(*args)
         except OperationalError as exc:
             raise Unavailable(f"exchange database: {exc.orig!s}"[:200]) from exc
 
-    def _number_events(self, wanted: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str], int]:
+    def _number_events(self, wanted: Sequence[Numbering]) -> dict[tuple[str, str], int]:
         numbers: dict[tuple[str, str], int] = {}
         if not wanted:
             return numbers
         with Session(self.engine) as s:
-            subs = {w[0] for w in wanted}
-            events = {w[1] for w in wanted}
+            subs = {w.subscription_id for w in wanted}
+            events = {w.event_id for w in wanted}
             for row in s.exec(
                 select(DeliveryRow).where(
                     col(DeliveryRow.subscription_id).in_(subs),
@@ -109,10 +127,10 @@ class ExchangeStore:
                 )
             ):
                 numbers[(row.subscription_id, row.event_id)] = row.event_number
-            fresh: dict[str, list[tuple[str, str]]] = {}
-            for sub, event, rtype in wanted:
-                if (sub, event) not in numbers and (event, rtype) not in fresh.get(sub, []):
-                    fresh.setdefault(sub, []).append((event, rtype))
+            fresh: dict[str, dict[str, Numbering]] = {}
+            for w in wanted:
+                if (w.subscription_id, w.event_id) not in numbers:
+                    fresh.setdefault(w.subscription_id, {}).setdefault(w.event_id, w)
             for sub, items in fresh.items():
                 # One atomic increment per subscription reserves a block of numbers, so two
                 # replicas numbering for the same subscription never collide.
@@ -123,25 +141,126 @@ class ExchangeStore:
                     .returning(col(SubscriptionRow.event_count))
                 ).scalar_one()
                 first = last - len(items) + 1
-                for n, (event, rtype) in enumerate(items, start=first):
-                    numbers[(sub, event)] = n
+                for n, w in enumerate(items.values(), start=first):
+                    numbers[(sub, w.event_id)] = n
                     s.add(
                         DeliveryRow(
-                            subscription_id=sub, event_id=event, event_number=n, resource_type=rtype
+                            subscription_id=sub,
+                            event_id=w.event_id,
+                            event_number=n,
+                            resource_type=w.resource_type,
+                            focus=w.focus,
                         )
                     )
             s.commit()
         return numbers
 
-    def deliveries(self, subscription_id: str, since: int = 0) -> list[DeliveryRow]:
+    def queue_notifications(self, payloads: Sequence[tuple[str, str, bytes]]) -> None:
+        """Keep rest-hook notifications (subscription, event, Bundle) until they are sent.
+
+        A notification already sent or given up on stays as it is: a redelivered event
+        does not send it again.
+        """
+        self._guarded(self._queue_notifications, payloads)
+
+    def _queue_notifications(self, payloads: Sequence[tuple[str, str, bytes]]) -> None:
+        if not payloads:
+            return
         with Session(self.engine) as s:
-            return list(
-                s.exec(
-                    select(DeliveryRow)
+            for sub, event, payload in payloads:
+                s.execute(
+                    update(DeliveryRow)
                     .where(
-                        DeliveryRow.subscription_id == subscription_id,
-                        DeliveryRow.event_number > since,
+                        col(DeliveryRow.subscription_id) == sub,
+                        col(DeliveryRow.event_id) == event,
+                        col(DeliveryRow.state) == "numbered",
                     )
-                    .order_by(col(DeliveryRow.event_number))
+                    .values(state="pending", payload=payload)
+                )
+            s.commit()
+
+    def deliveries(
+        self, subscription_id: str, since: int = 0, until: int | None = None, limit: int = 1000
+    ) -> list[DeliveryRow]:
+        with Session(self.engine) as s:
+            q = select(DeliveryRow).where(
+                DeliveryRow.subscription_id == subscription_id,
+                DeliveryRow.event_number > since,
+            )
+            if until is not None:
+                q = q.where(DeliveryRow.event_number <= until)
+            return list(s.exec(q.order_by(col(DeliveryRow.event_number)).limit(limit)))
+
+    # rest-hook dispatch -----------------------------------------------------------------
+    def subscriptions_with_pending(self) -> list[str]:
+        with Session(self.engine) as s:
+            rows = s.exec(
+                select(DeliveryRow.subscription_id).where(DeliveryRow.state == "pending").distinct()
+            )
+            return list(rows)
+
+    def claim_dispatch(self, sid: str, owner: str, lease_seconds: float) -> bool:
+        """Take (or renew) the right to send this subscription's notifications."""
+        now = datetime.now(UTC)
+        with Session(self.engine) as s:
+            result = s.execute(
+                update(SubscriptionRow)
+                .where(
+                    col(SubscriptionRow.id) == sid,
+                    or_(
+                        col(SubscriptionRow.dispatch_owner).is_(None),
+                        col(SubscriptionRow.dispatch_owner) == owner,
+                        col(SubscriptionRow.dispatch_lease_until) < now,
+                    ),
+                )
+                .values(
+                    dispatch_owner=owner,
+                    dispatch_lease_until=now + timedelta(seconds=lease_seconds),
                 )
             )
+            s.commit()
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def release_dispatch(self, sid: str, owner: str) -> None:
+        with Session(self.engine) as s:
+            s.execute(
+                update(SubscriptionRow)
+                .where(col(SubscriptionRow.id) == sid, col(SubscriptionRow.dispatch_owner) == owner)
+                .values(dispatch_owner=None, dispatch_lease_until=None)
+            )
+            s.commit()
+
+    def next_pending(self, sid: str) -> DeliveryRow | None:
+        """The oldest notification not yet sent: rest-hooks are delivered in order."""
+        with Session(self.engine) as s:
+            return s.exec(
+                select(DeliveryRow)
+                .where(DeliveryRow.subscription_id == sid, DeliveryRow.state == "pending")
+                .order_by(col(DeliveryRow.event_number))
+                .limit(1)
+            ).first()
+
+    def record_attempt(
+        self, delivery_id: int, *, state: str, error: str | None, next_at: datetime | None
+    ) -> None:
+        with Session(self.engine) as s:
+            row = s.get(DeliveryRow, delivery_id)
+            if row is None:
+                return
+            row.attempts += 1
+            row.state = state
+            row.last_error = error
+            row.next_attempt_at = next_at
+            if state in ("delivered", "failed"):
+                row.payload = None if state == "delivered" else row.payload
+            s.add(row)
+            s.commit()
+
+    def set_subscription_status(self, sid: str, status: str, error: str | None) -> None:
+        with Session(self.engine) as s:
+            s.execute(
+                update(SubscriptionRow)
+                .where(col(SubscriptionRow.id) == sid)
+                .values(status=status, error=error)
+            )
+            s.commit()

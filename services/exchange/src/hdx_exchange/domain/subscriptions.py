@@ -86,20 +86,21 @@ def subscription_from_fhir(doc: Mapping[str, Any], sid: str) -> Subscription:
         channel_type = ChannelType.KAFKA
     elif ctype == "rest-hook":
         channel_type = ChannelType.REST_HOOK
-        issues.append(
-            Issue(
-                "rest-hook channels are not offered yet; use channel.type "
-                "'message' for a Kafka feed",
-                code="not-supported",
-                expression="channel.type",
+        endpoint = channel.get("endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            issues.append(
+                Issue(
+                    "a rest-hook channel needs an http(s) channel.endpoint",
+                    code="required",
+                    expression="channel.endpoint",
+                )
             )
-        )
     else:
         channel_type = ChannelType.KAFKA
         issues.append(
             Issue(
                 f"channel.type '{ctype}' is not supported; use 'message' "
-                "(the subscriber's Kafka feed)",
+                "(the subscriber's Kafka feed) or 'rest-hook'",
                 code="not-supported",
                 expression="channel.type",
             )
