@@ -21,6 +21,10 @@ def stack(kafka: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         "HDX_LOG_JSON": "true",
         # Short waits so tests of slow paths stay quick.
         "HDX_REGISTRY_REFRESH_SECONDS": "0.5",
+        "HDX_REST_HOOK_BACKOFF_BASE_SECONDS": "0.1",
+        "HDX_REST_HOOK_BACKOFF_MAX_SECONDS": "0.5",
+        "HDX_REST_HOOK_MAX_ATTEMPTS": "4",
+        "HDX_REST_HOOK_TIMEOUT_SECONDS": "2",
     }
     s = LocalStack(data_dir=Path(data), bootstrap_servers=kafka.bootstrap_servers, extra_env=env)
     s.start(ready_timeout=90)

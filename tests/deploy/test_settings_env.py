@@ -43,8 +43,11 @@ def service_settings(service: str) -> list[type[BaseSettings]]:
         pytest.fail(f"{module_name} exists but does not import: {e!r}", pytrace=False)
     except Exception as e:  # a broken settings module is a finding, not a skip
         pytest.fail(f"{module_name} exists but does not import: {e!r}", pytrace=False)
-    return [c for _, c in inspect.getmembers(module, inspect.isclass)
-            if issubclass(c, BaseSettings) and c.__module__ == module.__name__]
+    return [
+        c
+        for _, c in inspect.getmembers(module, inspect.isclass)
+        if issubclass(c, BaseSettings) and c.__module__ == module.__name__
+    ]
 
 
 def allowed(service: str | None) -> set[str]:
@@ -63,12 +66,15 @@ def settings_class(service: str) -> type[BaseSettings]:
 def check_names(where: str, names: set[str], service: str | None) -> None:
     hdx = {n for n in names if n.startswith("HDX_")}
     unknown = hdx - allowed(service)
-    assert not unknown, (f"{where} sets {sorted(unknown)}, which no settings field of "
-                         f"{service or 'every service'} reads")
+    assert not unknown, (
+        f"{where} sets {sorted(unknown)}, which no settings field of "
+        f"{service or 'every service'} reads"
+    )
 
 
-def check_values(where: str, env: dict[str, str], service: str,
-                 monkeypatch: pytest.MonkeyPatch) -> None:
+def check_values(
+    where: str, env: dict[str, str], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The service's settings load from exactly this environment."""
     for name in list(os.environ):
         if name.startswith("HDX_"):
@@ -101,9 +107,12 @@ def test_dockerfile_env() -> None:
 
 
 @pytest.mark.parametrize("service", list(HDX))
-def test_compose_env(service: str, compose_model: dict[str, Any],
-                     compose_model_kafka3: dict[str, Any],
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_env(
+    service: str,
+    compose_model: dict[str, Any],
+    compose_model_kafka3: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for model in (compose_model, compose_model_kafka3):
         env = model["services"][service]["environment"]
         check_names(f"docker-compose.yml ({service})", set(env), service)
@@ -115,9 +124,12 @@ def test_compose_env_file_names(compose_env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_kubernetes_env(target: str, render: Callable[[str], list[dict[str, Any]]],
-                        find: Callable[..., dict[str, dict[str, Any]]],
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kubernetes_env(
+    target: str,
+    render: Callable[[str], list[dict[str, Any]]],
+    find: Callable[..., dict[str, dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     objects = render(target)
     config_maps, secrets = find(objects, "ConfigMap"), find(objects, "Secret")
     (shared_name,) = [n for n in config_maps if n.startswith("hdx-config")]
@@ -132,8 +144,11 @@ def test_kubernetes_env(target: str, render: Callable[[str], list[dict[str, Any]
                 env.update(config_maps[src["configMapRef"]["name"]]["data"])
             else:
                 secret = secrets[src["secretRef"]["name"]]
-                check_names(f"{target} Secret {secret['metadata']['name']}",
-                            set(secret["stringData"]), service)
+                check_names(
+                    f"{target} Secret {secret['metadata']['name']}",
+                    set(secret["stringData"]),
+                    service,
+                )
                 env.update(secret["stringData"])
         own = {e["name"]: e.get("value", "") for e in c["env"]}
         check_names(f"{target} Deployment hdx-{service}", set(own), service)

@@ -31,8 +31,7 @@ def script_topics(prefix: str = "hdx.") -> dict[str, tuple[int, dict[str, str]]]
         if len(words) >= 3:
             name, partitions, *configs = words[1:]
             assert f"{prefix}{name}" not in found, f"{name} created twice"
-            found[f"{prefix}{name}"] = (int(partitions),
-                                        dict(c.split("=", 1) for c in configs))
+            found[f"{prefix}{name}"] = (int(partitions), dict(c.split("=", 1) for c in configs))
     return found
 
 
@@ -56,7 +55,7 @@ def test_compose_topics_job_creates_the_core_topics() -> None:
     assert script_topics() == expected()
     text = SCRIPT.read_text()
     # Replication and min.insync.replicas come from the environment, per broker count.
-    assert "--replication-factor \"${rf}\"" in text
+    assert '--replication-factor "${rf}"' in text
     assert re.search(r"min\.insync\.replicas=\$\{min_isr\}", text)
 
 
