@@ -1,0 +1,197 @@
+"""The store on SQLite (a temporary file) and the service around it: versions, history,
+index in step with writes, the outbox and changes from other replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from hdx_consent.domain import ConsentInvalid, DecisionRequest, Policy
+from hdx_consent.examples import consent, provision
+from hdx_consent.service import ConsentService, change_record
+from hdx_consent.settings import ConsentSettings
+from hdx_consent.store import ConsentStore, VersionConflict
+from hdx_shared.db import make_engine
+from hdx_shared.envelope import Header
+from hdx_shared.messaging import Outgoing, Unavailable
+from hdx_shared.topics import Topics
+
+TOPICS = Topics("hdx.")
+NHS = "https://fhir.nhs.uk/Id/nhs-number"
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[ConsentStore]:
+    """SQLite, and PostgreSQL too where one is reachable (the root conftest decides)."""
+    s = ConsentStore(make_engine(ConsentSettings(database_url=database_url)))
+    s.create_schema()
+    yield s
+    s.engine.dispose()
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+        self.down = False
+
+    async def __call__(self, out: Sequence[Outgoing]) -> None:
+        if self.down:
+            raise ConnectionError("broker down")
+        self.sent.extend(out)
+
+
+def treat(person: str = "p1") -> DecisionRequest:
+    return DecisionRequest(
+        person=person,
+        recipient="Organization/gp",
+        purpose="TREAT",
+        resource_type="Observation",
+        at=datetime.now(UTC),
+    )
+
+
+def test_every_write_is_a_new_version(store: ConsentStore) -> None:
+    v1 = store.append("c1", consent(), patient_key="Patient/p1", status="active")
+    v2 = store.append(
+        "c1", consent(status="inactive"), patient_key="Patient/p1", status="inactive", if_match=1
+    )
+    assert (v1.version, v2.version) == (1, 2)
+    stored = orjson.loads(v2.resource)
+    assert stored["id"] == "c1" and stored["meta"]["versionId"] == "2"
+    assert stored["meta"]["lastUpdated"].endswith("Z")
+    assert [r.version for r in store.history("c1")] == [2, 1]
+    latest = store.latest("c1")
+    assert latest is not None and latest.status == "inactive"
+    one = store.version("c1", 1)
+    assert one is not None and one.status == "active"
+    assert [(r.consent_id, r.version) for r in store.latest_all()] == [("c1", 2)]
+
+
+def test_conflicts(store: ConsentStore) -> None:
+    store.append("c1", consent(), patient_key="Patient/p1", status="active")
+    with pytest.raises(VersionConflict):
+        store.append("c1", consent(), patient_key="Patient/p1", status="active", if_match=5)
+    with pytest.raises(VersionConflict):
+        store.append("c1", consent(), patient_key="Patient/p1", status="active", create_only=True)
+
+
+def test_search_by_patient_and_identifier(store: ConsentStore) -> None:
+    store.append("a", consent(), patient_key="Patient/p1", status="active")
+    store.append(
+        "b", consent(), patient_key="Patient/p1", status="active", patient_identifier=f"{NHS}|9"
+    )
+    store.append(
+        "c", consent(), patient_key=f"{NHS}|9", status="active", patient_identifier=f"{NHS}|9"
+    )
+    store.append("a", consent(), patient_key="Patient/p2", status="active")  # moved
+    assert [r.consent_id for r in store.search(["Patient/p1"])] == ["b"]
+    assert [r.consent_id for r in store.search([f"{NHS}|9"])] == ["b", "c"]
+    assert [r.consent_id for r in store.search(["Patient/p2"])] == ["a"]
+
+
+def test_outbox(store: ConsentStore) -> None:
+    store.append("a", consent(), patient_key="Patient/p1", status="active")
+    store.append("a", consent(), patient_key="Patient/p1", status="active")
+    assert [r.version for r in store.unpublished()] == [1, 2]
+    store.mark_published([("a", 1)])
+    assert [r.version for r in store.unpublished()] == [2]
+
+
+def test_database_down_is_unavailable(tmp_path: Path) -> None:
+    broken = ConsentStore(
+        make_engine(ConsentSettings(database_url=f"sqlite:///{tmp_path}/missing/dir/x.db"))
+    )
+    with pytest.raises(Unavailable, match="consent database"):
+        broken.ping()
+
+
+async def test_write_updates_the_index_before_it_returns(store: ConsentStore) -> None:
+    bus = FakeBus()
+    service = ConsentService(store, Policy(), TOPICS, bus)
+    await service.load()
+    assert service.readiness() is None
+    assert service.evaluate(treat()).permit  # no consent: direct care by default
+
+    written = await service.write(consent(provision("deny")))
+    assert written.created and written.row.version == 1
+    assert not service.evaluate(treat()).permit  # effective for the very next decision
+
+    cid = written.row.consent_id
+    revoked = await service.write(
+        consent(provision("deny"), status="inactive", id=cid), consent_id=cid, if_match=1
+    )
+    assert not revoked.created and revoked.row.version == 2
+    assert service.evaluate(treat()).permit  # revocation effective at once too
+
+    assert [(o.topic, o.key) for o in bus.sent] == [(TOPICS.consents, cid.encode())] * 2
+    assert orjson.loads(bus.sent[1].value)["meta"]["versionId"] == "2"
+    assert bus.sent[0].headers[Header.RESOURCE_TYPE] == "Consent"
+    assert store.unpublished() == []
+
+
+async def test_invalid_consents_are_not_stored(store: ConsentStore) -> None:
+    service = ConsentService(store, Policy(), TOPICS, FakeBus())
+    with pytest.raises(ConsentInvalid):
+        await service.write(consent(provision("maybe")))
+    assert store.latest_all() == []
+
+
+async def test_unpublished_changes_are_sent_later(store: ConsentStore) -> None:
+    bus = FakeBus()
+    bus.down = True
+    service = ConsentService(store, Policy(), TOPICS, bus, publish_timeout=1)
+    await service.load()
+    written = await service.write(consent(provision("deny")))  # accepted all the same
+    assert not service.evaluate(treat()).permit
+    assert [r.consent_id for r in store.unpublished()] == [written.row.consent_id]
+    bus.down = False
+    assert await service.publish_pending() == 1
+    assert store.unpublished() == [] and len(bus.sent) == 1
+
+
+async def test_index_is_rebuilt_from_the_database(store: ConsentStore) -> None:
+    first = ConsentService(store, Policy(), TOPICS, FakeBus())
+    await first.load()
+    await first.write(consent(provision("deny"), patient="Patient/p7"))
+    second = ConsentService(store, Policy(), TOPICS)
+    assert second.readiness() == "consent index not loaded yet"
+    with pytest.raises(Unavailable):
+        second.evaluate(treat("p7"))
+    await second.load()
+    assert not second.evaluate(treat("p7")).permit
+
+
+async def test_changes_from_other_replicas(store: ConsentStore) -> None:
+    writer = ConsentService(store, Policy(), TOPICS, FakeBus())
+    await writer.load()
+    reader = ConsentService(store, Policy(), TOPICS)
+    await reader.load()
+    v1 = await writer.write(consent(provision("deny")))
+    cid = v1.row.consent_id
+    v2 = await writer.write(consent(provision("deny"), status="inactive", id=cid), consent_id=cid)
+    record_v1 = change_record(TOPICS, v1.row).value
+    record_v2 = change_record(TOPICS, v2.row).value
+    assert reader.evaluate(treat()).permit  # not seen yet: the documented replica lag
+    assert reader.apply_change(record_v1)
+    assert not reader.evaluate(treat()).permit
+    assert reader.apply_change(record_v2)
+    assert not reader.apply_change(record_v1)  # late or replayed: older, ignored
+    assert reader.evaluate(treat()).permit
+    assert not reader.apply_change(None)
+    assert not reader.apply_change(b"{broken")
+
+
+async def test_database_check_sets_readiness(tmp_path: Path) -> None:
+    broken = ConsentStore(
+        make_engine(ConsentSettings(database_url=f"sqlite:///{tmp_path}/missing/dir/x.db"))
+    )
+    service = ConsentService(broken, Policy(), TOPICS)
+    await service.check_database()
+    reason = service.readiness()
+    assert reason is not None and reason.startswith("consent database unavailable")
+    with pytest.raises(Unavailable):
+        service.require_ready()
