@@ -51,6 +51,11 @@ def test_the_kcat_example_publishes_an_accepted_patient(
 ) -> None:
     if shutil.which("kcat") is None:
         pytest.skip("kcat is not installed (apt-get install kcat) — the example is not run")
+    if kafka.kind == "embedded":
+        pytest.skip(
+            "kcat 1.7 (Debian's librdkafka) fails ApiVersions against the embedded Tansu "
+            "broker ('Read underflow'); this example runs against Apache Kafka only"
+        )
     command = _block("bash").replace("127.0.0.1:9092", kafka.bootstrap_servers)
     reader = TopicReader(kafka.bootstrap_servers, ["hdx.validated"])
     try:
