@@ -187,6 +187,8 @@ def test_permitted_observation_reaches_the_feed_with_the_enterprise_id(
     assert subject["identifier"]["system"] == PERSON_SYSTEM
     assert subject["identifier"]["value"] == exchange.person_of(nhs)
     assert record.headers["ce_source"] == exchange.source
+    assert "hdx_person_identifiers" not in record.headers, "internal headers stay inside HDX"
+    assert "hdx_candidates" not in record.headers
     assert record.key == subject["identifier"]["value"].encode()
 
 

@@ -147,8 +147,11 @@ class ExchangePipeline:
                 base_url=self.base_url,
             )
             if sub.channel is ChannelType.KAFKA:
+                # A subscriber sees the event's CloudEvents attributes, the enterprise id it
+                # keys by, and its notification number — not HDX's internal routing headers.
                 headers = (
-                    env.without_extra(Header.CANDIDATES, Header.PERMITTED)
+                    env.evolve(patient_ref=None, person_identifiers=())
+                    .without_extra(Header.CANDIDATES, Header.PERMITTED)
                     .with_extra(hdx_subscription=sub.id, hdx_event_number=str(number))
                     .to_headers()
                 )
