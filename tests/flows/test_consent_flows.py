@@ -123,7 +123,10 @@ class Tenant:
         else:
             headers = {**FHIR_JSON, "if-match": f'W/"{version}"'} if version else FHIR_JSON
             r = httpx.put(
-                f"{base}/{consent_id}", content=orjson.dumps(doc), headers=headers, timeout=10
+                f"{base}/{consent_id}",
+                content=orjson.dumps({**doc, "id": consent_id}),
+                headers=headers,
+                timeout=10,
             )
             assert r.status_code in (200, 201), r.text
         return dict(r.json())

@@ -9,6 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import create_engine
 
 from hdx_shared.settings import HdxSettings
+from hdx_shared.telemetry import instrument_engine
 
 
 def make_engine(settings: HdxSettings, **kwargs: Any) -> Engine:
@@ -24,6 +25,7 @@ def make_engine(settings: HdxSettings, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=5000")
             cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **kwargs)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **kwargs)
+    instrument_engine(engine)
+    return engine

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
 from hdx_shared.messaging import StageHealth, ensure_topics, start_broker
 from hdx_shared.settings import HdxSettings
+from hdx_shared.telemetry import instrument_app
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def create_service_app(
     app.include_router(health_router(runtime))
     # Prometheus scrapes this; the Kafka middleware and the stages feed it.
     app.mount("/metrics", make_asgi_app())
+    instrument_app(app)
     for r in routers:
         app.include_router(r)
     return app

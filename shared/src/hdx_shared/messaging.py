@@ -19,8 +19,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -28,13 +29,107 @@ from aiokafka.errors import TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.trace import Span, SpanKind
+from prometheus_client import Counter, Gauge, Histogram
 
-from hdx_shared.envelope import Envelope, Header
+from hdx_shared.envelope import Envelope, Header, now_ms
 from hdx_shared.fhir import FhirError, Issue, operation_outcome
 from hdx_shared.settings import HdxSettings
+from hdx_shared.telemetry import tracing_enabled
 from hdx_shared.topics import Topics, TopicSpec
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("hdx.messaging")
+
+# What every stage reports on /metrics (no patient data in any label).
+STAGE_MESSAGES = Counter("hdx_stage_messages", "Messages a stage consumed", ["stage"])
+STAGE_OUTPUTS = Counter("hdx_stage_outputs", "Records a stage produced", ["stage", "topic"])
+DEAD_LETTERS = Counter("hdx_dead_letters", "Messages dead-lettered", ["stage", "reason"])
+STAGE_BATCH_SECONDS = Histogram(
+    "hdx_stage_batch_seconds",
+    "Time to handle and publish one batch",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SINCE_INGRESS_SECONDS = Histogram(
+    "hdx_since_ingress_seconds",
+    "Time from ingress accepting a message to a stage finishing it (end to end at delivery)",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CONSUMER_LAG = Gauge(
+    "hdx_consumer_lag", "Records behind the partition's end", ["stage", "partition"]
+)
+STAGE_WAITING = Gauge("hdx_stage_waiting", "1 while a stage waits on unavailable state", ["stage"])
+
+
+def _message_attributes(topic: str, envelope: Envelope) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.destination.name": topic,
+        "hdx.event_id": envelope.event_id,
+        "hdx.source": envelope.source,
+    }
+    if envelope.resource_type:
+        attrs["hdx.resource_type"] = envelope.resource_type
+    return attrs
+
+
+def _consume_spans(
+    batch: Sequence[Inbound], stage: str, group_id: str
+) -> tuple[list[Inbound], list[Span]]:
+    """One CONSUMER span per message, child of the span that produced it; the message's
+    trace context now points at it, so whatever the handler derives from the envelope is
+    published as its child."""
+    traced: list[Inbound] = []
+    spans: list[Span] = []
+    for m in batch:
+        attrs = _message_attributes(m.topic, m.envelope) | {
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.consumer.group.name": group_id,
+            "messaging.destination.partition.id": str(m.partition),
+            "messaging.kafka.offset": m.offset,
+            "hdx.stage": stage,
+        }
+        span = tracer.start_span(
+            f"{m.topic} process",
+            context=extract(m.envelope.extra),
+            kind=SpanKind.CONSUMER,
+            attributes=attrs,
+        )
+        carrier: dict[str, str] = {}
+        inject(carrier, context=trace.set_span_in_context(span))
+        traced.append(replace(m, envelope=m.envelope.with_extra(**carrier)))
+        spans.append(span)
+    return traced, spans
+
+
+def _publish_spans(outgoing: Sequence[Outgoing]) -> tuple[list[Outgoing], list[Span]]:
+    """One PRODUCER span per record, child of the message that caused it (or of the current
+    span, e.g. an HTTP request), with its context injected into the record's headers."""
+    traced: list[Outgoing] = []
+    spans: list[Span] = []
+    for o in outgoing:
+        parent = extract(o.headers) if Header.TRACEPARENT.value in o.headers else None
+        env = Envelope.from_headers(o.headers)
+        attrs = _message_attributes(o.topic, env) | {
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+        }
+        for name in ("hdx_subscription", Header.REASON.value):
+            if name in o.headers:
+                attrs[f"hdx.{name.removeprefix('hdx_')}"] = o.headers[name]
+        span = tracer.start_span(
+            f"{o.topic} publish", context=parent, kind=SpanKind.PRODUCER, attributes=attrs
+        )
+        headers = dict(o.headers)
+        inject(headers, context=trace.set_span_in_context(span))
+        traced.append(replace(o, headers=headers))
+        spans.append(span)
+    return traced, spans
 
 
 class Unavailable(Exception):
@@ -191,11 +286,18 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
     """Send everything, then wait until the broker acknowledged every record."""
     if not outgoing:
         return
-    futures = [
-        await broker.publish(o.value, o.topic, key=o.key, headers=o.headers, no_confirm=True)
-        for o in outgoing
-    ]
-    await asyncio.gather(*futures)
+    spans: list[Span] = []
+    if tracing_enabled():
+        outgoing, spans = _publish_spans(outgoing)
+    try:
+        futures = [
+            await broker.publish(o.value, o.topic, key=o.key, headers=o.headers, no_confirm=True)
+            for o in outgoing
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        for span in spans:
+            span.end()
 
 
 Handler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Outgoing]]]
@@ -238,12 +340,25 @@ def add_stage(
     async def consume(_body: list[bytes], msg: KafkaMessage) -> None:
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
+        started = time.perf_counter()
         batch = [Inbound.from_record(r) for r in records]
+        spans: list[Span] = []
+        if tracing_enabled():
+            batch, spans = _consume_spans(batch, name, group_id)
+        try:
+            await _handle(batch, msg)
+        finally:
+            for span in spans:
+                span.end()
+        STAGE_BATCH_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+    async def _handle(batch: list[Inbound], msg: KafkaMessage) -> None:
         try:
             out = await handler(batch)
         except Unavailable as exc:
             # Fail closed: nothing is committed, the batch comes back after a pause.
             health.ready, health.reason = False, f"unavailable: {exc}"
+            STAGE_WAITING.labels(name).set(1)
             delay = unavailable_backoff[0] = min(max(unavailable_backoff[0] * 2, 0.2), 5.0)
             log.warning("stage %s waiting %.1fs: %s", name, delay, exc)
             await asyncio.sleep(delay)
@@ -262,9 +377,11 @@ def add_stage(
             out = await _isolate_poison(batch, handler, topics, health, name)
         await publish_all(broker, out)
         unavailable_backoff[0] = 0.0
+        STAGE_WAITING.labels(name).set(0)
         health.ready, health.reason = True, "ok"
         health.batches += 1
         health.messages += len(batch)
+        _record_metrics(name, batch, out, topics, getattr(msg, "consumer", None))
 
     broker.subscriber(
         topic,
@@ -277,6 +394,35 @@ def add_stage(
         title=name,
     )(consume)
     return health
+
+
+def _record_metrics(
+    stage: str, batch: Sequence[Inbound], out: Sequence[Outgoing], topics: Topics, consumer: Any
+) -> None:
+    STAGE_MESSAGES.labels(stage).inc(len(batch))
+    now = now_ms()
+    since = SINCE_INGRESS_SECONDS.labels(stage)
+    for m in batch:
+        if m.envelope.received_at_ms:
+            since.observe(max(now - m.envelope.received_at_ms, 0) / 1000)
+    for o in out:
+        if o.topic == topics.deadletter:
+            DEAD_LETTERS.labels(stage, o.headers.get(Header.REASON.value, "unknown")).inc()
+        else:
+            kind = o.topic.removeprefix(topics.prefix)
+            STAGE_OUTPUTS.labels(stage, "feed" if kind.startswith("feed.") else kind).inc()
+    highwater = getattr(consumer, "highwater", None)
+    if highwater is None:
+        return
+    last: dict[tuple[str, int], int] = {}
+    for m in batch:
+        last[(m.topic, m.partition)] = max(m.offset, last.get((m.topic, m.partition), -1))
+    from aiokafka import TopicPartition
+
+    for (topic, partition), offset in last.items():
+        end = highwater(TopicPartition(topic, partition))
+        if end is not None:
+            CONSUMER_LAG.labels(stage, str(partition)).set(max(end - offset - 1, 0))
 
 
 async def _isolate_poison(

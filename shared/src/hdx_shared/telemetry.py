@@ -95,15 +95,39 @@ def setup_tracing(settings: HdxSettings) -> TracerProvider | None:
 
 
 def kafka_middlewares(provider: TracerProvider | None) -> list[Any]:
-    """faststream's own Kafka layers: Prometheus metrics always (messages in and out per
-    topic, processing time, errors), tracing when a provider is configured (one tracing
-    layer per client; never two)."""
+    """faststream's Prometheus layer (messages in and out per topic, processing time,
+    errors).
+
+    Tracing is not faststream's here: its batch subscribers make one span per batch, and
+    HDX wants one trace per message across every hop, so hdx_shared.messaging makes a
+    CONSUMER span per message and a PRODUCER span per record itself — the only tracing
+    layer on these clients (two would double the spans and the traceparent headers).
+    """
+    del provider
     from faststream.kafka.prometheus import KafkaPrometheusMiddleware
     from prometheus_client import REGISTRY
 
-    middlewares: list[Any] = [KafkaPrometheusMiddleware(registry=REGISTRY, metrics_prefix="hdx")]
-    if provider is not None:
-        from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+    return [KafkaPrometheusMiddleware(registry=REGISTRY, metrics_prefix="hdx")]
 
-        middlewares.append(KafkaTelemetryMiddleware(tracer_provider=provider))
-    return middlewares
+
+def tracing_enabled() -> bool:
+    """True once setup_tracing installed the SDK's provider (else the API's no-op one)."""
+    return type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
+
+
+def instrument_app(app: Any) -> None:
+    """HTTP server spans for a service's FastAPI app, when tracing is on."""
+    if not tracing_enabled():
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+
+
+def instrument_engine(engine: Any) -> None:
+    """Database spans for a service's SQLAlchemy engine, when tracing is on."""
+    if not tracing_enabled():
+        return
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    SQLAlchemyInstrumentor().instrument(engine=engine)
