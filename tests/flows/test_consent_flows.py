@@ -413,7 +413,9 @@ def test_consent_store_down_delivers_nothing_then_everything_exactly_once(
     stack = LocalStack(
         data_dir=tmp_path / "hdx",
         bootstrap_servers=kafka.bootstrap_servers,
-        extra_env=stack_env(kafka, prefix),
+        # The periodic database check is slowed right down, so that only the gate's own
+        # check before each batch can stop the messages published just after the outage.
+        extra_env=stack_env(kafka, prefix, HDX_DB_CHECK_SECONDS="120", HDX_OUTBOX_SECONDS="120"),
         database_urls={"consent": url},
     )
     stack.start(ready_timeout=90)

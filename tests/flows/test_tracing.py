@@ -6,6 +6,9 @@ The stack here is its own (own topic prefix, tracing on), on the session's broke
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -244,3 +247,77 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
         text = orjson.dumps(s.attributes).decode()
         for secret in (nhs, family, given, "1958-03-14", pid):
             assert secret not in text, f"{s.name} carries patient data ({secret!r})"
+
+
+def test_hdx_trace_prints_the_path_of_a_message_from_the_topics(
+    traced: tuple[LocalStack, OtlpReceiver], kafka: BrokerEndpoint
+) -> None:
+    stack, _ = traced
+    tag = uuid.uuid4().hex[:8]
+    source = f"urn:hdx:org:traced-hospital-{tag}"
+    ex = stack.url("exchange")
+    register_publisher(ex, source)
+    r = httpx.post(
+        f"{ex}/fhir/Subscription",
+        timeout=10,
+        content=orjson.dumps(subscription_resource(f"Organization/ward-{tag}")),
+    )
+    assert r.status_code == 201, r.text
+    publisher = Publisher(kafka.bootstrap_servers, idempotence=kafka.idempotence)
+    pid = f"local-{uuid.uuid4().hex[:12]}"
+    nhs = nhs_number()
+    publisher.publish(source, patient(pid, nhs), topic=f"{PREFIX}inbound")
+    ce_id = publisher.publish(source, observation(f"o-{tag}", pid), topic=f"{PREFIX}inbound")
+    bad_id = publisher.publish(
+        source,
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "subject": {"reference": f"Patient/{pid}"},
+        },
+        topic=f"{PREFIX}inbound",
+    )
+    feed = TopicReader(kafka.bootstrap_servers, [f"{PREFIX}feed.ward-{tag}"])
+    try:
+        feed.wait_for(lambda r: f"o-{tag}".encode() in r.value, timeout=60, what="delivery")
+    finally:
+        feed.close()
+
+    env = {
+        **os.environ,
+        "HDX_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "HDX_TOPIC_PREFIX": PREFIX,
+        "COLUMNS": "250",
+    }
+    hdx = str(Path(sys.executable).with_name("hdx"))
+    done = subprocess.run(
+        [hdx, "trace", ce_id, "--source", source],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for step in (
+        "published",
+        "accepted",
+        "identified",
+        "routed",
+        "consent permit",
+        "permitted",
+        f"delivered to ward-{tag}",
+    ):
+        assert step in out, f"'{step}' missing from:\n{out}"
+    assert nhs not in out
+
+    dead = subprocess.run(
+        [hdx, "trace", bad_id, "--source", source],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dead.returncode == 0, dead.stderr
+    assert "dead-lettered (invalid-resource)" in dead.stdout
+    assert "code" in dead.stdout

@@ -232,6 +232,32 @@ def tail(
     asyncio.run(read())
 
 
+@app.command("trace")
+def trace_message(
+    event_id: Annotated[
+        str, typer.Argument(help="HDX's event id, or the publisher's ce_id with --source")
+    ],
+    source: Annotated[
+        str | None, typer.Option(help="the publisher (ce_source), when EVENT_ID is its own ce_id")
+    ] = None,
+) -> None:
+    """Print the path of one message through HDX: hops, decisions with reasons, deliveries
+    and dead letters, with timings — read from the topics, no tracing backend needed."""
+    from hdx_shared.message_path import find_path
+
+    hops = find_path(_settings(), event_id, source)
+    if not hops:
+        console.print(f"no record of {event_id} on the HDX topics")
+        raise typer.Exit(1)
+    start = hops[0].timestamp_ms
+    table = Table(title=f"event {event_id}")
+    for column in ("+ms", "topic", "what", "detail"):
+        table.add_column(column)
+    for hop in hops:
+        table.add_row(str(hop.timestamp_ms - start), hop.topic, hop.what, hop.detail)
+    console.print(table)
+
+
 @app.command()
 def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
     """Run only the embedded Kafka-protocol broker (Tansu, memory storage)."""
