@@ -6,10 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format clean
+.PHONY: help install run test test-fast lint format bench-consent clean
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(BIN)/hdx: pyproject.toml uv.lock shared/pyproject.toml services/*/pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet 'uv>=0.5,<1'
@@ -35,6 +35,9 @@ lint: install ## ruff and mypy (strict)
 format: install ## Format the code with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+bench-consent: install ## Benchmark consent decisions (100k patients): rate, p50/p95/p99 → bench/results/
+	$(BIN)/python bench/consent_bench.py
 
 clean: ## Remove data/, caches and the virtualenv
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache $(VENV)

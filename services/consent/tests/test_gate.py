@@ -31,7 +31,7 @@ class FakeSource:
     ready: str | None = None
     asked: list[tuple[str | None, tuple[str, ...]]] = field(default_factory=list)
 
-    def require_ready(self) -> None:
+    async def ensure_ready(self) -> None:
         if self.ready:
             raise Unavailable(self.ready)
 

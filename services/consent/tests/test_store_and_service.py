@@ -3,6 +3,7 @@ index in step with writes, the outbox and changes from other replicas."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,3 +196,87 @@ async def test_database_check_sets_readiness(tmp_path: Path) -> None:
     assert reason is not None and reason.startswith("consent database unavailable")
     with pytest.raises(Unavailable):
         service.require_ready()
+
+
+class PingSwitch:
+    """Stands in for ConsentStore.ping: counts pings, fails or hangs on demand."""
+
+    def __init__(self) -> None:
+        self.pings = 0
+        self.down = False
+        self.hang = 0.0
+
+    def __call__(self) -> None:
+        self.pings += 1
+        if self.hang:
+            time.sleep(self.hang)
+        if self.down:
+            raise Unavailable("consent database: OperationalError: gone")
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[ConsentStore]:
+    s = ConsentStore(make_engine(ConsentSettings(database_url=f"sqlite:///{tmp_path}/c.db")))
+    yield s
+    s.engine.dispose()
+
+
+async def test_the_gate_check_pings_the_database_before_every_batch(
+    sqlite_store: ConsentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only the periodic check: a database that went away a moment ago stops the very
+    next batch, and the first batch after it is back goes through."""
+    service = ConsentService(sqlite_store, Policy(), TOPICS)
+    await service.load()
+    ping = PingSwitch()
+    monkeypatch.setattr(sqlite_store, "ping", ping)
+    await service.ensure_ready()
+    ping.down = True
+    with pytest.raises(Unavailable, match="gone"):
+        await service.ensure_ready()
+    reason = service.readiness()
+    assert reason is not None and reason.startswith("consent database unavailable")
+    ping.down = False
+    await service.ensure_ready()
+    assert service.readiness() is None
+    assert ping.pings == 3
+
+
+async def test_a_recent_good_ping_may_be_reused_when_configured(
+    sqlite_store: ConsentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = ConsentService(sqlite_store, Policy(), TOPICS, db_probe_seconds=60)
+    await service.load()
+    ping = PingSwitch()
+    monkeypatch.setattr(sqlite_store, "ping", ping)
+    await service.ensure_ready()
+    await service.ensure_ready()
+    assert ping.pings == 1
+    await service.check_database()  # the periodic check finds it down: no reuse then
+    ping.down = True
+    await service.check_database()
+    with pytest.raises(Unavailable):
+        await service.ensure_ready()
+
+
+async def test_a_database_that_does_not_answer_counts_as_down(
+    sqlite_store: ConsentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = ConsentService(sqlite_store, Policy(), TOPICS, db_ping_timeout=0.05)
+    await service.load()
+    ping = PingSwitch()
+    ping.hang = 0.5
+    monkeypatch.setattr(sqlite_store, "ping", ping)
+    with pytest.raises(Unavailable, match="no answer within"):
+        await service.ensure_ready()
+
+
+async def test_an_index_not_loaded_at_start_is_loaded_by_the_gate_check(
+    sqlite_store: ConsentStore,
+) -> None:
+    sqlite_store.create_schema()
+    sqlite_store.append("c1", consent(provision("deny")), patient_key="Patient/p1", status="active")
+    service = ConsentService(sqlite_store, Policy(), TOPICS)
+    assert service.readiness() == "consent index not loaded yet"
+    await service.ensure_ready()
+    assert len(service.index) == 1 and not service.evaluate(treat()).permit

@@ -41,7 +41,13 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
         await publish_all(broker, out)
 
     service = ConsentService(
-        store, settings.policy(), topics, publish, publish_timeout=settings.publish_timeout_seconds
+        store,
+        settings.policy(),
+        topics,
+        publish,
+        publish_timeout=settings.publish_timeout_seconds,
+        db_probe_seconds=settings.gate_db_probe_seconds,
+        db_ping_timeout=settings.db_ping_timeout_seconds,
     )
     gate = ConsentGate(service, topics, service_name=settings.service_name)
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)

@@ -15,7 +15,9 @@ Output, per input record:
   headers = the envelope plus hdx_permitted = JSON list of the permitted candidates (as
   received). Nothing permitted → nothing on hdx.decided.
 A record whose candidates or JSON cannot be read is dead-lettered; a consent store that is
-not loaded or a database that is down raises Unavailable (the batch waits: fail closed).
+not loaded or a database that does not answer raises Unavailable before anything in the
+batch is decided (the batch waits: fail closed). The database is pinged before every batch
+(HDX_GATE_DB_PROBE_SECONDS), not only by the service's periodic check.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class ConsentSource(Protocol):
 
     policy: Policy
 
-    def require_ready(self) -> None: ...
+    async def ensure_ready(self) -> None:
+        """Raise Unavailable unless consents can be decided now (index loaded, store up)."""
+        ...
 
     def consents_for(self, person: str | None, identifiers: Sequence[str]) -> list[Consent]: ...
 
@@ -133,7 +137,7 @@ class ConsentGate:
 
     async def handle(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         """The stage handler: decide every candidate of every record in the batch."""
-        self.source.require_ready()
+        await self.source.ensure_ready()
         now = self.clock()
         out: list[Outgoing] = []
         for message in batch:

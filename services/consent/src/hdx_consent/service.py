@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,15 +68,24 @@ class ConsentService:
         topics: Topics,
         publish: Publish | None = None,
         publish_timeout: float = 10.0,
+        db_probe_seconds: float = 0.0,
+        db_ping_timeout: float = 5.0,
     ) -> None:
         self.store = store
         self.policy = policy
         self.topics = topics
         self.publish = publish
         self.publish_timeout = publish_timeout
+        # A batch is decided only if the database answered within this many seconds
+        # (0: it is pinged before every batch).
+        self.db_probe_seconds = db_probe_seconds
+        # A ping that hangs (a database host that drops packets) counts as down.
+        self.db_ping_timeout = db_ping_timeout
         self.index = ConsentIndex()
         self.loaded = False
         self.db_error: str | None = None
+        self._db_ok_at: float | None = None  # time.monotonic() of the last good ping
+        self._load_lock = asyncio.Lock()
 
     # ---- readiness ---------------------------------------------------------------------
     def readiness(self) -> str | None:
@@ -91,8 +101,20 @@ class ConsentService:
         if reason:
             raise Unavailable(reason)
 
+    async def ensure_ready(self) -> None:
+        """Before the gate decides a batch: the index is loaded and the database answers
+        now (or answered within `db_probe_seconds`). Unavailable otherwise — fail closed,
+        even between two of the housekeeping loop's checks."""
+        fresh = (
+            self._db_ok_at is not None and time.monotonic() - self._db_ok_at < self.db_probe_seconds
+        )
+        if not (fresh and self.loaded and self.db_error is None):
+            await self.check_database()
+        self.require_ready()
+
     def _db_failed(self, exc: Unavailable) -> None:
         self.db_error = str(exc)
+        self._db_ok_at = None
 
     async def load(self) -> None:
         """Fill the index from the database (the current version of every consent)."""
@@ -118,15 +140,19 @@ class ConsentService:
     async def check_database(self) -> None:
         """Ping the database (and load the index if start-up could not)."""
         try:
-            await asyncio.to_thread(self.store.ping)
-        except Unavailable as exc:
+            await asyncio.wait_for(asyncio.to_thread(self.store.ping), self.db_ping_timeout)
+        except (Unavailable, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = Unavailable(f"consent database: no answer within {self.db_ping_timeout}s")
             if self.db_error is None:
                 log.warning("consent database unavailable: %s", exc)
             self._db_failed(exc)
             return
         if not self.loaded:
-            await self.load()
-        self.db_error = None
+            async with self._load_lock:  # the gate and the housekeeping loop may both ask
+                if not self.loaded:
+                    await self.load()
+        self.db_error, self._db_ok_at = None, time.monotonic()
 
     # ---- decisions ---------------------------------------------------------------------
     def consents_for(self, person: str | None, identifiers: Sequence[str]) -> list[Consent]:

@@ -60,6 +60,11 @@ class ConsentSettings(HdxSettings):
 
     # How often the database is pinged (a database that is down stops the gate).
     db_check_seconds: float = Field(default=5.0, gt=0)
+    # The gate decides a batch only if the database answered within this many seconds;
+    # 0 pings it before every batch (one cheap SELECT 1 per batch, not per message).
+    gate_db_probe_seconds: float = Field(default=0.0, ge=0)
+    # A database ping that takes longer than this counts as the database being down.
+    db_ping_timeout_seconds: float = Field(default=5.0, gt=0)
     # How often versions not yet on the consents topic are sent (the outbox).
     outbox_seconds: float = Field(default=2.0, gt=0)
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
