@@ -73,6 +73,11 @@ class Topics:
         """What could not be accepted: original bytes plus an OperationOutcome header."""
         return f"{self.prefix}deadletter"
 
+    def group(self, name: str) -> str:
+        """A consumer group id under the same prefix ("hdx." → "hdx-<name>"), so two HDX
+        installations on one cluster never share a group."""
+        return f"{self.prefix.rstrip('.')}-{name}"
+
     def feed(self, subscriber: str) -> str:
         """A subscriber's own Kafka feed of notification Bundles."""
         return f"{self.prefix}feed.{subscriber}"

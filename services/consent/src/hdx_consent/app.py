@@ -56,7 +56,7 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
             broker,
             name="consent-gate",
             topic=topics.routed,
-            group_id="hdx-consent",
+            group_id=topics.group("consent"),
             handler=gate.handle,
             settings=settings,
             topics=topics,

@@ -50,7 +50,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
             broker,
             name=name,
             topic=topic,
-            group_id=f"hdx-exchange-{name}",
+            group_id=topics.group(f"exchange-{name}"),
             handler=handler,
             settings=settings,
             topics=topics,
