@@ -45,4 +45,3 @@ def test_derived_event_ids_are_stable() -> None:
 def test_key_by_person_prefers_the_enterprise_id() -> None:
     assert Envelope("e", "s", patient_ref="p", person="P").key_by_person() == b"P"
     assert Envelope("e", "s", patient_ref="p").key_by_person() == b"p"
-

@@ -258,6 +258,20 @@ def trace_message(
     console.print(table)
 
 
+@app.command("db-revision")
+def db_revision(
+    service: Annotated[str, typer.Argument(help="patient-index, consent or exchange")],
+    message: Annotated[str, typer.Argument(help="what the migration changes")],
+) -> None:
+    """Write a new Alembic migration for a service from the change in its models."""
+    from hdx_shared.db import new_revision
+
+    specs = {s.name: s for s in SERVICES}
+    if service not in specs:
+        raise typer.BadParameter(f"one of {', '.join(specs)}")
+    new_revision(specs[service].module, message)
+
+
 @app.command()
 def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
     """Run only the embedded Kafka-protocol broker (Tansu, memory storage)."""

@@ -9,16 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import wraps
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
 from sqlalchemy import and_, func, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from hdx_consent.domain.timeutil import fhir_instant
 from hdx_consent.models import ConsentVersion
+from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
 P = ParamSpec("P")
@@ -72,7 +74,8 @@ class ConsentStore:
 
     @_db
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine, tables=[ConsentVersion.__table__])  # type: ignore[attr-defined]
+        """Bring the database to the newest schema (Alembic migrations in the package)."""
+        migrate(self.engine, Path(__file__).with_name("migrations"))
 
     @_db
     def ping(self) -> None:

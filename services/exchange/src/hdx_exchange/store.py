@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from hdx_exchange.domain.ingress import Publisher
 from hdx_exchange.domain.routing import (
@@ -20,6 +21,7 @@ from hdx_exchange.domain.routing import (
     Subscription,
 )
 from hdx_exchange.models import DeliveryRow, PublisherRow, SubscriptionRow
+from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
 T = TypeVar("T")
@@ -55,7 +57,8 @@ class ExchangeStore:
         self.engine = engine
 
     def create_schema(self) -> None:
-        SQLModel.metadata.create_all(self.engine)
+        """Bring the database to the newest schema (Alembic migrations in the package)."""
+        migrate(self.engine, Path(__file__).with_name("migrations"))
 
     # Publishers -----------------------------------------------------------------------
     def publishers(self) -> dict[str, Publisher]:
