@@ -226,6 +226,7 @@ def test_denied_observation_never_reaches_the_feed_and_the_deny_is_audited(
         assert "Quixlewhistle" not in text, "an AuditEvent must not carry names"
         assert "Ottoline" not in text
         assert denied_nhs not in text, "nor the NHS number"
+        assert denied_nhs not in str(deny.headers), "not even in its headers"
 
         # A permitted message published after the denied one shows the pipeline has moved
         # past it; the denied Observation must not be in the feed.

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+from prometheus_client import Counter
 
 from hdx_consent.audit import audit_event, audit_event_id
 from hdx_consent.domain import Consent, DecisionRequest, Policy, decide, normalize_reference
@@ -35,6 +36,12 @@ from hdx_shared.envelope import Header
 from hdx_shared.fhir import Issue, operation_outcome
 from hdx_shared.messaging import Inbound, Outgoing, dead_letter
 from hdx_shared.topics import Topics
+
+DECISIONS = Counter(
+    "hdx_consent_decisions",
+    "Consent decisions, by outcome, basis and purpose",
+    ["decision", "basis", "purpose"],
+)
 
 SUBJECT_EVENT = "hdx_subject_event"
 SUBSCRIPTION = "hdx_subscription"
@@ -170,8 +177,9 @@ class ConsentGate:
         consents = self.source.consents_for(env.person, env.person_identifiers)
         policy = self.source.policy
         key = env.key_by_person()
+        # Audit records name the enterprise person, never the patient's identifiers.
         audit_env = env.without_extra(Header.CANDIDATES, Header.PERMITTED).evolve(
-            resource_type="AuditEvent"
+            resource_type="AuditEvent", person_identifiers=(), patient_ref=None
         )
         out: list[Outgoing] = []
         permitted: list[dict[str, Any]] = []
@@ -189,6 +197,7 @@ class ConsentGate:
                 resource_ref=f"{rtype}/{rid}" if rid and rtype else None,
             )
             decision = decide(consents, policy, request)
+            DECISIONS.labels(decision.decision, decision.basis.value, cand.purpose).inc()
             if decision.permit:
                 permitted.append(cand.raw)
             event = audit_event(
