@@ -1,0 +1,58 @@
+"""Blocking: the cheap keys that decide which pairs are compared at all.
+
+A record is compared only with persons that share at least one key with it. The keys are
+chosen so that each kind of error one field can carry leaves another key intact:
+
+- ``d:<birth date>``              — names typed differently, same birth date
+- ``s:<soundex(family)>:<year>``  — birth date typed wrong, family name sounds the same
+- ``n:<metaphone(given)>:<metaphone(family)>`` — birth date missing or wrong entirely
+- ``p:<postcode>``                — names and birth date both unreliable, same address
+- ``t:<phone>``                   — same phone line
+
+Queries add variants that an index key cannot hold: the birth date with day and month
+swapped, and the family names a person was known by before (maiden names).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from hdx_patient_index.domain.comparators import metaphone, soundex
+from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.normalise import compact
+
+
+def _swapped(d: date) -> date | None:
+    if d.day > 12 or d.day == d.month:
+        return None
+    try:
+        return d.replace(month=d.day, day=d.month)
+    except ValueError:
+        return None
+
+
+def index_keys(d: Demographics) -> frozenset[str]:
+    """The blocking keys a record is filed under."""
+    keys: set[str] = set()
+    if d.birth_date:
+        keys.add(f"d:{d.birth_date.isoformat()}")
+    if d.family and d.birth_year:
+        keys.add(f"s:{soundex(compact(d.family))}:{d.birth_year}")
+    if d.family and d.first_given:
+        keys.add(f"n:{metaphone(d.first_given)}:{metaphone(compact(d.family))}")
+    keys.update(f"p:{p}" for p in d.postcodes)
+    keys.update(f"t:{p}" for p in d.phones)
+    return frozenset(keys)
+
+
+def query_keys(d: Demographics) -> frozenset[str]:
+    """The keys to look a record's candidates up by: its own keys plus likely variants."""
+    keys = set(index_keys(d))
+    if d.birth_date and (swapped := _swapped(d.birth_date)):
+        keys.add(f"d:{swapped.isoformat()}")
+    if d.birth_year:
+        keys.update(f"s:{soundex(compact(f))}:{d.birth_year}" for f in d.other_families)
+    if d.family and d.first_given:
+        # Family and given name swapped.
+        keys.add(f"n:{metaphone(compact(d.family))}:{metaphone(d.first_given)}")
+    return frozenset(keys)

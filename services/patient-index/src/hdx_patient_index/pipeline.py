@@ -1,0 +1,211 @@
+"""The patient index's Kafka stage: hdx.validated → hdx.identified (+ hdx.links, hdx.deadletter).
+
+Input: one validated FHIR resource per record (ingress splits Bundles), with the envelope's
+``ce_source`` (the publisher) and ``hdx_patient_ref`` (its local Patient id).
+
+- A Patient is linked to an enterprise person and forwarded with the identifier
+  ``urn:hdx:person|<id>`` appended; a new or changed link is also published to hdx.links.
+  Resources parked while waiting for this Patient follow it, in the order they arrived.
+- Any other resource gets the person identifier on its patient Reference (``subject``,
+  ``patient``, …; the literal ``reference`` stays). If its Patient has not arrived yet it is
+  parked in the database; after the park timeout it is dead-lettered ("patient-unknown").
+- A resource that references no Patient is dead-lettered ("no-patient"): HDX routes
+  patient data only.
+
+Everything forwarded is keyed by the person id and carries ``hdx_person`` and
+``hdx_person_identifiers`` (the person's trusted identifiers, "system|value").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from hdx_patient_index.domain.stamping import (
+    find_patient_reference,
+    local_patient_id,
+    stamp_patient,
+    stamp_reference,
+)
+from hdx_patient_index.service import (
+    BatchWork,
+    LinkEvent,
+    ParkedMessage,
+    PatientIndexService,
+    PersonRef,
+)
+from hdx_shared.envelope import Envelope, Header, derive_event_id
+from hdx_shared.fhir import FhirError, Issue, operation_outcome
+from hdx_shared.messaging import Inbound, Outgoing, dead_letter, dead_letter_for
+from hdx_shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
+
+
+def _no_patient(resource_type: str) -> FhirError:
+    return FhirError(
+        "no-patient",
+        [
+            Issue(
+                f"HDX routes patient data only: this {resource_type} references no Patient "
+                "(subject or patient as 'Patient/<local id>')",
+                code="required",
+                expression="subject",
+            )
+        ],
+        http_status=422,
+    )
+
+
+class IdentifyStage:
+    def __init__(self, service: PatientIndexService, topics: Topics) -> None:
+        self.service = service
+        self.topics = topics
+
+    async def handle(self, batch: Sequence[Inbound]) -> list[Outgoing]:
+        """The stage handler: the database work runs on a worker thread."""
+        return await asyncio.to_thread(self.process, batch)
+
+    def process(self, batch: Sequence[Inbound]) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        with self.service.batch() as work:
+            for m in batch:
+                out.extend(self._one(work, m))
+        return out
+
+    def _one(self, work: BatchWork, m: Inbound) -> list[Outgoing]:
+        try:
+            doc = orjson.loads(m.value)
+        except orjson.JSONDecodeError as exc:
+            err = FhirError("invalid-json", [Issue(f"not valid JSON: {exc}", code="structure")])
+            return [dead_letter_for(self.topics, m, err)]
+        if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
+            err = FhirError("not-fhir", [Issue("not a FHIR resource", code="structure")])
+            return [dead_letter_for(self.topics, m, err)]
+        env = m.envelope
+        rtype: str = doc["resourceType"]
+        if rtype == "Patient":
+            return self._patient(work, m, doc)
+        ref = find_patient_reference(doc, env.patient_ref) or find_patient_reference(doc)
+        local_id = local_patient_id(ref.get("reference")) if ref is not None else None
+        if ref is None or local_id is None:
+            return [dead_letter_for(self.topics, m, _no_patient(rtype))]
+        person = work.person_for(env.source, local_id)
+        if person is None:
+            work.park(
+                ParkedMessage(
+                    source=env.source,
+                    local_id=local_id,
+                    event_id=env.event_id,
+                    topic=m.topic,
+                    partition=m.partition,
+                    offset=m.offset,
+                    key=m.key,
+                    value=m.value,
+                    headers=env.to_headers(),
+                )
+            )
+            return []
+        stamp_reference(ref, person.person_id)
+        return [self._identified(doc, env.evolve(patient_ref=local_id), person)]
+
+    def _patient(self, work: BatchWork, m: Inbound, doc: dict[str, Any]) -> list[Outgoing]:
+        env = m.envelope
+        local_id = doc.get("id") or env.patient_ref
+        if not isinstance(local_id, str) or not local_id:
+            return [dead_letter_for(self.topics, m, _no_patient("Patient"))]
+        outcome = work.link_patient(env.source, local_id, doc, env.event_id or m.origin)
+        stamp_patient(doc, outcome.person.person_id)
+        out = [self._identified(doc, env.evolve(patient_ref=local_id), outcome.person)]
+        if outcome.link is not None:
+            out.append(self._link(outcome.link, env))
+        out.extend(self._released(p, outcome.person) for p in outcome.released)
+        return out
+
+    def _identified(self, doc: dict[str, Any], env: Envelope, person: PersonRef) -> Outgoing:
+        headers = env.evolve(
+            person=person.person_id, person_identifiers=person.trusted
+        ).to_headers()
+        return Outgoing(
+            self.topics.identified, orjson.dumps(doc), person.person_id.encode(), headers
+        )
+
+    def _released(self, parked: ParkedMessage, person: PersonRef) -> Outgoing:
+        env = Envelope.from_headers(parked.headers)
+        doc = orjson.loads(parked.value)
+        ref = find_patient_reference(doc, parked.local_id)
+        if ref is not None:
+            stamp_reference(ref, person.person_id)
+        return self._identified(doc, env.evolve(patient_ref=parked.local_id), person)
+
+    def _link(self, link: LinkEvent, env: Envelope) -> Outgoing:
+        value: dict[str, str | bool] = {
+            "person": link.person_id,
+            "source": link.source,
+            "local_id": link.local_id,
+            "grade": link.grade.value,
+            "by": link.by,
+        }
+        if link.possible_match:
+            value["possible_match"] = True
+        headers = {
+            Header.ID.value: derive_event_id("link", link.source, link.local_id, link.person_id),
+            Header.SOURCE.value: link.source,
+            Header.TYPE.value: "link",
+            Header.SPECVERSION.value: "1.0",
+            Header.CONTENT_TYPE.value: "application/json",
+            Header.PERSON.value: link.person_id,
+            Header.PATIENT_REF.value: link.local_id,
+        }
+        for name in (Header.TRACEPARENT.value, Header.TRACESTATE.value):
+            if name in env.extra:
+                headers[name] = env.extra[name]
+        return Outgoing(
+            self.topics.links,
+            orjson.dumps(value),
+            f"{link.source}|{link.local_id}".encode(),
+            headers,
+        )
+
+    # The park timeout ------------------------------------------------------------------
+    async def expire_parked(self, publish: Publish, timeout_ms: int) -> int:
+        """Dead-letter what waited longer than the timeout ("patient-unknown"); the count.
+
+        Published first, forgotten after: a crash in between dead-letters it twice, never
+        loses it.
+        """
+        expired = await asyncio.to_thread(self.service.expired_parked, timeout_ms)
+        if expired:
+            await publish([self._expired(p, timeout_ms) for p in expired])
+            log.info("dead-lettered %d parked resources: patient unknown", len(expired))
+        cutoff = self.service.clock() - timeout_ms
+        await asyncio.to_thread(self.service.drop_parked, expired, cutoff)
+        return len(expired)
+
+    def _expired(self, p: ParkedMessage, timeout_ms: int) -> Outgoing:
+        message = Inbound(
+            topic=p.topic,
+            partition=p.partition,
+            offset=p.offset,
+            key=p.key,
+            value=p.value,
+            envelope=Envelope.from_headers(p.headers),
+        )
+        hours = timeout_ms / 3_600_000
+        outcome = operation_outcome(
+            [
+                Issue(
+                    f"Patient/{p.local_id} from {p.source} did not arrive within "
+                    f"{hours:g} h of this resource; it was parked and is now dead-lettered",
+                    code="not-found",
+                    expression="subject",
+                )
+            ]
+        )
+        return dead_letter(self.topics, message, "patient-unknown", outcome)

@@ -1,0 +1,72 @@
+"""Extracting normalised demographics from FHIR Patients."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from pix_builders import NHS_A, demo
+
+from hdx_patient_index.domain.demographics import Demographics, extract_demographics
+from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
+
+
+def test_extracts_the_current_name_and_keeps_previous_family_names() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "name": [
+            {"use": "maiden", "family": "Byron", "given": ["Augusta", "Ada"]},
+            {"use": "official", "family": "King-Noel", "given": ["Ada", "Augusta"]},
+            {"use": "old", "family": "King", "period": {"end": "1835"}},
+        ],
+        "birthDate": "1815-12-10",
+        "gender": "female",
+        "address": [
+            {"use": "old", "postalCode": "W1 1AA"},
+            {"use": "home", "postalCode": "sw1a 1aa"},
+        ],
+        "telecom": [
+            {"system": "email", "value": "ada@example.org"},
+            {"system": "phone", "value": "+44 20 7946 0958"},
+        ],
+        "identifier": [{"system": NHS_NUMBER, "value": NHS_A}],
+    }
+    d = extract_demographics(patient, TrustedSystems())
+    assert d.family == "king noel"
+    assert d.given == ("ada", "augusta")
+    assert d.other_families == ("byron", "king")
+    assert d.birth_date == date(1815, 12, 10) and d.birth_year == 1815
+    assert d.gender == "female"
+    assert d.postcodes == ("SW1A1AA",)
+    assert d.phones == ("2079460958",)
+    assert d.trusted == (Identifier(NHS_NUMBER, NHS_A),)
+
+
+def test_text_only_names_partial_dates_and_unknown_gender() -> None:
+    d = extract_demographics(
+        {
+            "resourceType": "Patient",
+            "name": [{"text": "Grace Brewster Hopper"}],
+            "birthDate": "1906-12",
+            "gender": "unknown",
+        },
+        TrustedSystems(),
+    )
+    assert d.family == "hopper" and d.given == ("grace", "brewster")
+    assert d.birth_date is None and d.birth_year == 1906
+    assert d.gender is None
+
+
+def test_an_empty_patient_has_empty_demographics() -> None:
+    assert extract_demographics({"resourceType": "Patient"}, TrustedSystems()) == Demographics()
+
+
+def test_json_round_trip() -> None:
+    d = demo(
+        postcode="SW1A 1AA",
+        phone="020 7946 0958",
+        nhs=NHS_A,
+        identifiers=[{"system": "urn:mrn", "value": "7"}],
+    )
+    assert Demographics.from_json(d.to_json()) == d
+    partial = Demographics(family="x", birth_year=1970)
+    assert Demographics.from_json(partial.to_json()) == partial

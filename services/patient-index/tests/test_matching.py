@@ -1,0 +1,213 @@
+"""Matching: trusted identifiers, Fellegi–Sunter thresholds, the in-memory index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pix_builders import NHS_A, NHS_B, NHS_C, demo
+
+from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
+from hdx_patient_index.domain.index import PersonIndex
+from hdx_patient_index.domain.matching import (
+    Basis,
+    Grade,
+    MatchConfig,
+    Matcher,
+    ReviewReason,
+    trusted_conflict,
+)
+
+ADA: dict[str, Any] = {
+    "family": "Lovelace",
+    "given": "Ada",
+    "birth_date": "1815-12-10",
+    "gender": "female",
+    "postcode": "SW1A 1AA",
+    "phone": "020 7946 0958",
+}
+
+
+def index_with(*records: tuple[str, Demographics]) -> PersonIndex:
+    index = PersonIndex()
+    for n, (person, d) in enumerate(records):
+        index.put(("urn:hdx:org:a", f"r{n}"), person, d)
+    return index
+
+
+def test_an_equal_trusted_id_links_whatever_the_demographics_say() -> None:
+    index = index_with(("P1", demo(**ADA, nhs=NHS_A)))
+    # Married, moved, and the birth date typed wrong: still the same NHS number.
+    d = demo(family="King", given="Ada", birth_date="1815-10-12", postcode="M1 1AE", nhs=NHS_A)
+    decision = Matcher().decide(d, index)
+    assert decision.person_id == "P1" and decision.grade is Grade.CERTAIN
+    assert decision.candidates[0].basis is Basis.TRUSTED_ID
+    assert not decision.possible_match
+
+
+def test_different_trusted_ids_never_link_even_with_identical_demographics() -> None:
+    index = index_with(("P1", demo(**ADA, nhs=NHS_A)))
+    decision = Matcher().decide(demo(**ADA, nhs=NHS_B), index)
+    assert decision.person_id is None and decision.grade is Grade.CERTAIN
+    assert decision.candidates == () and decision.review == ()
+
+
+def test_equal_in_one_trusted_system_but_different_in_another_goes_to_review() -> None:
+    ssn = "urn:oid:2.16.840.1.113883.4.1"
+    trusted = TrustedSystems.of([NHS_NUMBER, ssn])
+    existing = Demographics(
+        family="lovelace",
+        trusted=(Identifier(NHS_NUMBER, NHS_A), Identifier(ssn, "111-11-1111")),
+    )
+    incoming = Demographics(
+        family="lovelace",
+        trusted=(Identifier(NHS_NUMBER, NHS_A), Identifier(ssn, "222-22-2222")),
+    )
+    assert trusted.valid(Identifier(ssn, "111-11-1111"))
+    decision = Matcher().decide(incoming, index_with(("P1", existing)))
+    assert decision.person_id is None and decision.grade is Grade.POSSIBLE
+    assert [(r.candidate.person_id, r.reason) for r in decision.review] == [
+        ("P1", ReviewReason.TRUSTED_ID_CONFLICT)
+    ]
+
+
+def test_two_persons_with_the_same_trusted_id_link_to_one_and_flag_the_other() -> None:
+    index = index_with(("P1", demo(**ADA, nhs=NHS_A)), ("P2", demo(**ADA, nhs=NHS_A)))
+    decision = Matcher().decide(demo(**ADA, nhs=NHS_A), index)
+    assert decision.person_id == "P1" and decision.grade is Grade.CERTAIN
+    assert [(r.candidate.person_id, r.reason) for r in decision.review] == [
+        ("P2", ReviewReason.AMBIGUOUS)
+    ]
+
+
+def test_a_record_without_a_trusted_id_links_on_strong_demographics() -> None:
+    index = index_with(("P1", demo(**ADA, nhs=NHS_A)))
+    decision = Matcher().decide(demo(**ADA), index)
+    assert decision.person_id == "P1" and decision.grade is Grade.PROBABLE
+
+
+def test_a_person_in_another_trusted_system_is_still_matched_on_demographics() -> None:
+    index = index_with(("P1", demo(**ADA)))
+    decision = Matcher().decide(demo(**ADA, nhs=NHS_C), index)
+    assert decision.person_id == "P1" and decision.grade is Grade.PROBABLE
+
+
+# (what differs from the indexed Ada, expected decision)
+THRESHOLD_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("identical", {}, "link"),
+    ("nickname, postcode district", {"given": "Addie", "postcode": "SW1A 2BB"}, "link"),
+    ("family typo", {"family": "Lovelase"}, "link"),
+    ("day and month swapped", {"birth_date": "1815-10-12"}, "link"),
+    ("no address or phone", {"postcode": None, "phone": None}, "review"),
+    ("no address, phone or gender", {"postcode": None, "phone": None, "gender": None}, "review"),
+    (
+        "twin sister at the same address",
+        {"given": "Augusta", "phone": None},
+        "review",
+    ),
+    (
+        "a namesake born another year",
+        {"birth_date": "1915-02-01", "postcode": None, "phone": None},
+        "new",
+    ),
+    (
+        "different person entirely",
+        {
+            "family": "Hopper",
+            "given": "Grace",
+            "birth_date": "1906-12-09",
+            "postcode": "M1 1AE",
+            "phone": None,
+        },
+        "new",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [(c, e) for _, c, e in THRESHOLD_CASES],
+    ids=[name for name, _, _ in THRESHOLD_CASES],
+)
+def test_thresholds(changes: dict[str, Any], expected: str) -> None:
+    index = index_with(("P1", demo(**ADA)))
+    decision = Matcher().decide(demo(**{**ADA, **changes}), index)
+    got = "link" if decision.person_id == "P1" else "review" if decision.possible_match else "new"
+    weight = decision.candidates[0].weight if decision.candidates else None
+    assert got == expected, f"weight {weight}"
+    if expected == "review":
+        assert decision.person_id is None and decision.grade is Grade.POSSIBLE
+        assert decision.review[0].reason is ReviewReason.POSSIBLE_MATCH
+    if expected == "new":
+        assert decision.grade is Grade.CERTAIN
+
+
+def test_thresholds_are_configurable() -> None:
+    index = index_with(("P1", demo(**ADA)))
+    sparse = demo(**{**ADA, "postcode": None, "phone": None})
+    assert Matcher().decide(sparse, index).person_id is None
+    lenient = Matcher(MatchConfig(upper=25.0, lower=15.0))
+    decision = lenient.decide(sparse, index)
+    assert decision.person_id == "P1" and decision.grade is Grade.PROBABLE
+    strict = Matcher(MatchConfig(upper=80.0, lower=60.0))
+    decision = strict.decide(demo(**ADA), index)
+    assert decision.person_id is None and decision.review == ()
+    with pytest.raises(ValueError, match="above upper"):
+        MatchConfig(upper=10.0, lower=20.0)
+
+
+def test_the_best_of_a_persons_records_counts() -> None:
+    moved = demo(**{**ADA, "postcode": "M1 1AE", "phone": None})
+    index = index_with(("P1", demo(**ADA)), ("P1", moved))
+    decision = Matcher().decide(demo(**ADA), index)
+    assert decision.person_id == "P1"
+    assert len(decision.candidates) == 1  # one candidate per person, not per record
+
+
+def test_a_record_is_not_its_own_candidate_when_excluded() -> None:
+    index = PersonIndex()
+    index.put(("s", "1"), "P1", demo(**ADA))
+    assert Matcher().decide(demo(**ADA), index, exclude=("s", "1")).person_id is None
+    assert Matcher().decide(demo(**ADA), index).person_id == "P1"
+
+
+def test_probabilities_follow_the_weight() -> None:
+    m = Matcher()
+    assert m.probability(-100) < m.probability(18) < m.probability(30) < m.probability(200)
+    assert m.probability(24) == pytest.approx(0.5)
+    assert m.probability(200) == 1.0
+
+
+def test_trusted_conflict() -> None:
+    assert trusted_conflict({"n": {"1"}}, {"n": {"2"}})
+    assert not trusted_conflict({"n": {"1"}}, {"n": {"1", "2"}})
+    assert not trusted_conflict({"n": {"1"}}, {"m": {"2"}})
+    assert not trusted_conflict({}, {"n": {"2"}})
+
+
+def test_index_refiles_a_record_when_its_demographics_change() -> None:
+    index = PersonIndex()
+    index.put(("s", "1"), "P1", demo(**ADA, nhs=NHS_A))
+    assert index.candidates(demo(**ADA)) == {"P1"}
+    assert index.owners([Identifier(NHS_NUMBER, NHS_A)]) == {"P1"}
+    hopper = demo(family="Hopper", given="Grace", birth_date="1906-12-09", nhs=NHS_B)
+    index.put(("s", "1"), "P1", hopper)
+    assert index.candidates(demo(**ADA)) == set()
+    assert index.owners([Identifier(NHS_NUMBER, NHS_A)]) == set()
+    assert index.candidates(hopper) == {"P1"}
+    assert index.trusted_of("P1") == {NHS_NUMBER: {NHS_B}}
+    index.remove(("s", "1"))
+    assert len(index) == 0 and index.person_count == 0 and index.candidates(hopper) == set()
+
+
+def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
+    index = PersonIndex()
+    index.put(("s", "1"), "P1", demo(family="Lovelace", given="Ada", birth_date="1815-12-10"))
+    # Different birth date key, different soundex-year key, same name key: found by name.
+    assert index.candidates(demo(birth_date="1816-01-01")) == {"P1"}
+    # Only the date, day and month swapped, and a different name.
+    swapped = demo(family="Byron", given="Augusta", birth_date="1815-10-12")
+    assert index.candidates(swapped) == {"P1"}
+    # Family and given swapped, no date.
+    assert index.candidates(demo(family="Ada", given="Lovelace", birth_date=None)) == {"P1"}
