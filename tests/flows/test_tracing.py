@@ -239,7 +239,7 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
             assert parent.name == s.name.replace(" process", " publish")
             assert parent.service != s.service or parent.service == "hdx-exchange"
             assert s.attributes["messaging.system"] == "kafka"
-            assert s.attributes["messaging.consumer.group.name"].startswith("hdx-")
+            assert s.attributes["messaging.consumer.group.name"].startswith("traced-")
             assert "messaging.kafka.offset" in s.attributes
     audit = [s for s in spans if s.name == f"{PREFIX}audit publish"]
     assert len(audit) == 2, "a permit and a deny, each audited"

@@ -101,7 +101,7 @@ def new_revision(package: str, message: str) -> None:
         config = Config()
         config.set_main_option("script_location", str(root))
         count = len(list((root / "versions").glob("*.py"))) - 1  # less __init__.py
-        prefix = package.removeprefix("hdx_").replace("_", "-")
+        prefix = package.removeprefix("hdx_")
         with engine.begin() as connection:
             config.attributes["connection"] = connection
             command.revision(

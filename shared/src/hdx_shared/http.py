@@ -19,7 +19,7 @@ from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
-from hdx_shared.messaging import StageHealth, ensure_topics, start_broker
+from hdx_shared.messaging import StageHealth, Unavailable, ensure_topics, start_broker
 from hdx_shared.settings import HdxSettings
 from hdx_shared.telemetry import instrument_app
 from hdx_shared.topics import Topics
@@ -46,6 +46,11 @@ def install_fhir_errors(app: FastAPI) -> None:
     @app.exception_handler(FhirError)
     async def _fhir_error(_req: Request, exc: FhirError) -> Response:
         return FhirResponse(exc.outcome(), status_code=exc.http_status)
+
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_req: Request, exc: Unavailable) -> Response:
+        # Fail closed, and say so: the caller may retry once the dependency is back.
+        return outcome_response(503, [Issue(f"unavailable: {exc}", code="transient")])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> Response:

@@ -8,8 +8,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 
 from hdx_patient_index.api import build_router
 from hdx_patient_index.domain.identifiers import TrustedSystems
@@ -19,9 +18,8 @@ from hdx_patient_index.service import PatientIndexService
 from hdx_patient_index.settings import PatientIndexSettings
 from hdx_patient_index.store import PatientIndexStore
 from hdx_shared.db import make_engine
-from hdx_shared.fhir import Issue
-from hdx_shared.http import ServiceRuntime, create_service_app, outcome_response
-from hdx_shared.messaging import Outgoing, Unavailable, add_stage, make_broker, publish_all
+from hdx_shared.http import ServiceRuntime, create_service_app
+from hdx_shared.messaging import Outgoing, add_stage, make_broker, publish_all
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
 from hdx_shared.topics import Topics
 
@@ -52,7 +50,7 @@ def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
             broker,
             name="patient-index",
             topic=topics.validated,
-            group_id="hdx-patient-index",
+            group_id=topics.group("patient-index"),
             handler=stage.handle,
             settings=settings,
             topics=topics,
@@ -102,14 +100,8 @@ def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)
-    app = create_service_app(
+    return create_service_app(
         runtime,
         title="HDX patient index",
         routers=[build_router(service, settings.public_base_url.rstrip("/"))],
     )
-
-    @app.exception_handler(Unavailable)
-    async def _unavailable(_req: Request, exc: Unavailable) -> Response:
-        return outcome_response(503, [Issue(f"unavailable: {exc}", code="transient")])
-
-    return app

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import Identifier
 from hdx_patient_index.domain.index import PersonIndex
 from hdx_patient_index.models import (
-    TABLES,
     IdentifierRow,
     LinkRow,
     ParkedRow,
@@ -30,6 +30,7 @@ from hdx_patient_index.models import (
     SourceRecordRow,
     TrustedIdRow,
 )
+from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
 
@@ -42,8 +43,8 @@ class PatientIndexStore:
         self.engine = engine
 
     def create_schema(self) -> None:
-        """Create this service's tables (only these: other services' models may be loaded)."""
-        SQLModel.metadata.create_all(self.engine, tables=[t.__table__ for t in TABLES])
+        """Bring the database to the newest schema (Alembic migrations in the package)."""
+        migrate(self.engine, Path(__file__).with_name("migrations"))
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
