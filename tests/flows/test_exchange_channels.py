@@ -173,7 +173,21 @@ def test_rest_publisher_and_rest_hook_subscriber_that_fails_twice_get_everything
     numbers = [
         p for p in events["entry"][0]["resource"]["parameter"] if p["name"] == "notification-event"
     ]
-    assert len(numbers) == 3
+    assert len(numbers) == 3, events
+
+    # The publisher deletes one: the subscriber is told, in order, with the next number.
+    client.execute(f"Observation/{obs_ids[0]}", method="delete")
+    wait_until(lambda: len(receiver.received) >= 4, 60, "the deletion notification")
+    deletion = receiver.received[3]["entry"][1]
+    assert deletion["request"] == {"method": "DELETE", "url": f"Observation/{obs_ids[0]}"}
+    assert "resource" not in deletion
+    assert receiver.event_numbers() == [1, 2, 3, 4]
+    r = httpx.delete(
+        f"{stack.url('exchange')}/fhir/Observation/never-sent",
+        headers={"ce-source": source},
+        timeout=10,
+    )
+    assert r.status_code == 404
 
 
 def test_a_hanging_endpoint_does_not_delay_another_subscriber(

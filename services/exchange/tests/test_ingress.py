@@ -91,3 +91,20 @@ def test_what_is_refused_and_why(doc: object, source: str, reason: str) -> None:
         accept(doc, source=source)
     assert info.value.reason == reason
     assert info.value.outcome()["issue"]
+
+
+def test_accepted_resources_remember_their_patient_for_later_deletes() -> None:
+    [out] = accept(OBS)
+    assert out.owner == (SRC, "Observation", "o1", "p1")
+
+
+def test_a_tombstone_keeps_only_identity_and_patient() -> None:
+    from hdx_exchange.domain.ingress import tombstone
+
+    assert tombstone("Observation", "o1", "p1") == {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": "Patient/p1"},
+    }
+    assert tombstone("Immunization", "i1", "p1")["patient"] == {"reference": "Patient/p1"}
+    assert tombstone("Patient", "p1", "p1") == {"resourceType": "Patient", "id": "p1"}

@@ -58,3 +58,22 @@ def test_id_only_and_empty_payloads_carry_no_resource() -> None:
     assert "resource" not in id_only["entry"][1]
     assert id_only["entry"][1]["request"]["url"] == "Observation/o1"
     assert len(notify(PayloadContent.EMPTY)["entry"]) == 1
+
+
+def test_a_deletion_tells_the_subscriber_to_delete_and_carries_no_content() -> None:
+    bundle = orjson.loads(
+        build_notification(
+            subscription(),
+            event_id="e9",
+            event_number=8,
+            resource_type="Observation",
+            resource_id="o1",
+            resource=RESOURCE,
+            source="urn:hdx:org:a",
+            base_url="http://hdx/fhir",
+            deleted=True,
+        )
+    )
+    entry = bundle["entry"][1]
+    assert entry["request"] == {"method": "DELETE", "url": "Observation/o1"}
+    assert "resource" not in entry

@@ -78,3 +78,11 @@ def test_only_one_replica_dispatches_a_subscription(st: ExchangeStore) -> None:
     assert st.claim_dispatch("s1", "replica-a", 30)  # renewal
     st.release_dispatch("s1", "replica-a")
     assert st.claim_dispatch("s1", "replica-b", 30)
+
+
+def test_resource_owners_are_remembered_and_updated(st: ExchangeStore) -> None:
+    st.remember_owners([("s", "Observation", "o1", "p1"), ("s", "Observation", "o2", "p1")])
+    st.remember_owners([("s", "Observation", "o1", "p2")])
+    assert st.owner_of("s", "Observation", "o1") == "p2"
+    assert st.owner_of("s", "Observation", "o2") == "p1"
+    assert st.owner_of("t", "Observation", "o1") is None

@@ -183,7 +183,7 @@ def build_routers(
         published = [
             {
                 "type": t,
-                "interaction": [{"code": "create"}, {"code": "update"}],
+                "interaction": [{"code": "create"}, {"code": "update"}, {"code": "delete"}],
                 "documentation": "published to subscribers; HDX keeps no copy to read back",
             }
             for t in ["Patient", *sorted(PATIENT_ELEMENT)]

@@ -63,3 +63,16 @@ class DeliveryRow(SQLModel, table=True):
     attempts: int = 0
     last_error: str | None = None
     next_attempt_at: datetime | None = None
+
+
+class ResourceOwnerRow(SQLModel, table=True):
+    """Which patient a published resource is about, so a later DELETE (which has no body)
+    can be routed like the resource was."""
+
+    __tablename__ = "resource_owner"
+
+    source: str = Field(primary_key=True)
+    resource_type: str = Field(primary_key=True)
+    resource_id: str = Field(primary_key=True)
+    patient_ref: str
+    updated_at: datetime = Field(default_factory=_now)

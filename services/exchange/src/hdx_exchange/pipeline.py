@@ -20,7 +20,7 @@ from hdx_exchange.domain.ingress import Publisher, accept_message
 from hdx_exchange.domain.notification import build_notification
 from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscriptions
 from hdx_exchange.store import ExchangeStore, Numbering
-from hdx_shared.envelope import Header
+from hdx_shared.envelope import ChangeType, Header
 from hdx_shared.fhir import FhirError, Limits
 from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for
 from hdx_shared.topics import Topics
@@ -66,6 +66,7 @@ class ExchangePipeline:
     async def ingress(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
         out: list[Outgoing] = []
+        owners: list[tuple[str, str, str, str]] = []
         for m in batch:
             try:
                 if len(m.value) > OFFLOAD_BYTES:
@@ -87,10 +88,13 @@ class ExchangePipeline:
                 )
                 out.append(dead_letter_for(self.topics, m, exc))
                 continue
+            owners.extend(a.owner for a in accepted if a.owner)
             out.extend(
                 Outgoing(self.topics.validated, a.value, a.key, a.envelope.to_headers())
                 for a in accepted
             )
+        # One write per batch: which patient each resource is about, for later DELETEs.
+        await asyncio.to_thread(self.store.remember_owners, owners)
         return out
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
@@ -145,6 +149,7 @@ class ExchangePipeline:
                 resource=m.value,
                 source=env.source,
                 base_url=self.base_url,
+                deleted=env.change is ChangeType.DELETE,
             )
             if sub.channel is ChannelType.KAFKA:
                 # A subscriber sees the event's CloudEvents attributes, the enterprise id it

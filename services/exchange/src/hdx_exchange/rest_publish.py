@@ -10,15 +10,16 @@ own event id in `ce-id`, which makes a retried request the same event).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Header, Request, Response
 
-from hdx_exchange.domain.ingress import AcceptedResource, accept_message
+from hdx_exchange.domain.ingress import AcceptedResource, accept_message, tombstone
 from hdx_exchange.pipeline import Registry
-from hdx_shared.envelope import ChangeType, Envelope
+from hdx_shared.envelope import ChangeType, Envelope, derive_event_id, now_ms
 from hdx_shared.fhir import FhirError, Issue, Limits, operation_outcome, parse_json
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import Outgoing, Publish
@@ -31,6 +32,8 @@ def publishing_router(
     router = APIRouter(prefix="/fhir", tags=["publishing"])
 
     async def forward(accepted: list[AcceptedResource]) -> None:
+        owners = [a.owner for a in accepted if a.owner]
+        await asyncio.to_thread(registry.store.remember_owners, owners)
         await publish(
             [Outgoing(topics.validated, a.value, a.key, a.envelope.to_headers()) for a in accepted]
         )
@@ -101,6 +104,53 @@ def publishing_router(
         """Publish one resource (update)."""
         env = envelope(ce_source, ce_id, ChangeType.UPDATE)
         return await publish_one(await request.body(), resource_type, resource_id, env)
+
+    @router.delete("/{resource_type}/{resource_id}", status_code=202)
+    async def delete(
+        resource_type: str,
+        resource_id: str,
+        ce_source: str | None = Header(default=None, alias="ce-source"),
+        ce_id: str | None = Header(default=None, alias="ce-id"),
+    ) -> Response:
+        """Publish a deletion: subscribers that received the resource are told to delete it."""
+        registry.require_loaded()
+        env = envelope(ce_source, ce_id, ChangeType.DELETE)
+        publisher = registry.publishers.get(env.source)
+        if publisher is None or not publisher.active:
+            raise FhirError(
+                "unknown-publisher",
+                [Issue(f"source '{env.source}' is not a registered publisher", code="security")],
+                http_status=403,
+            )
+        patient_ref = await asyncio.to_thread(
+            registry.store.owner_of, env.source, resource_type, resource_id
+        )
+        if patient_ref is None:
+            raise FhirError(
+                "not-found",
+                [
+                    Issue(
+                        f"{resource_type}/{resource_id} was never published by {env.source}",
+                        code="not-found",
+                    )
+                ],
+                http_status=404,
+            )
+        doc = tombstone(resource_type, resource_id, patient_ref)
+        accepted = [
+            AcceptedResource(
+                orjson.dumps(doc),
+                env.evolve(
+                    event_id=derive_event_id(env.source, env.event_id, "0"),
+                    resource_type=resource_type,
+                    patient_ref=patient_ref,
+                    received_at_ms=now_ms(),
+                ),
+                resource_id,
+            )
+        ]
+        await forward(accepted)
+        return FhirResponse(accepted_outcome(accepted), status_code=202)
 
     @router.post("", status_code=200)
     async def bundle(

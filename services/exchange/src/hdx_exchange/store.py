@@ -20,7 +20,7 @@ from hdx_exchange.domain.routing import (
     PayloadContent,
     Subscription,
 )
-from hdx_exchange.models import DeliveryRow, PublisherRow, SubscriptionRow
+from hdx_exchange.models import DeliveryRow, PublisherRow, ResourceOwnerRow, SubscriptionRow
 from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
@@ -100,6 +100,45 @@ class ExchangeStore:
         with Session(self.engine) as s:
             s.merge(row)
             s.commit()
+
+    # Resource owners ------------------------------------------------------------------
+    def remember_owners(self, owners: Sequence[tuple[str, str, str, str]]) -> None:
+        """(source, resource type, resource id, local patient id) of accepted resources."""
+        self._guarded(self._remember_owners, owners)
+
+    def _remember_owners(self, owners: Sequence[tuple[str, str, str, str]]) -> None:
+        if not owners:
+            return
+        latest = {(s, t, i): p for s, t, i, p in owners}
+        with Session(self.engine) as s:
+            existing = {
+                (r.source, r.resource_type, r.resource_id): r
+                for r in s.exec(
+                    select(ResourceOwnerRow).where(
+                        col(ResourceOwnerRow.resource_id).in_({k[2] for k in latest})
+                    )
+                )
+            }
+            for key, patient_ref in latest.items():
+                row = existing.get(key)
+                if row is None:
+                    s.add(
+                        ResourceOwnerRow(
+                            source=key[0],
+                            resource_type=key[1],
+                            resource_id=key[2],
+                            patient_ref=patient_ref,
+                        )
+                    )
+                elif row.patient_ref != patient_ref:
+                    row.patient_ref = patient_ref
+                    s.add(row)
+            s.commit()
+
+    def owner_of(self, source: str, resource_type: str, resource_id: str) -> str | None:
+        with Session(self.engine) as s:
+            row = s.get(ResourceOwnerRow, (source, resource_type, resource_id))
+            return row.patient_ref if row else None
 
     # Deliveries -----------------------------------------------------------------------
     def number_events(self, wanted: Sequence[Numbering]) -> dict[tuple[str, str], int]:

@@ -28,6 +28,15 @@ class AcceptedResource:
 
     value: bytes
     envelope: Envelope
+    resource_id: str | None = None
+
+    @property
+    def owner(self) -> tuple[str, str, str, str] | None:
+        """(source, type, id, local patient id): what a later DELETE is routed by."""
+        env = self.envelope
+        if self.resource_id and env.resource_type and env.patient_ref:
+            return (env.source, env.resource_type, self.resource_id, env.patient_ref)
+        return None
 
     @property
     def key(self) -> bytes:
@@ -180,6 +189,7 @@ def accept_message(
         resource: dict[str, Any], value: bytes, index: int, change: ChangeType, where: str
     ) -> AcceptedResource:
         check_own_identifier(resource, publisher, where)
+        rid = resource.get("id")
         return AcceptedResource(
             value,
             envelope.evolve(
@@ -189,6 +199,7 @@ def accept_message(
                 patient_ref=patient_ref_of(resource, where),
                 received_at_ms=received,
             ),
+            rid if isinstance(rid, str) else None,
         )
 
     if doc["resourceType"] != "Bundle":
@@ -230,3 +241,14 @@ def accept_message(
             [Issue("the Bundle carries no resource to route", code="required", expression="entry")],
         )
     return out
+
+
+def tombstone(resource_type: str, resource_id: str, patient_ref: str) -> dict[str, Any]:
+    """What a DELETE publishes: the resource's identity and its patient, nothing else."""
+    if resource_type == "Patient":
+        return {"resourceType": "Patient", "id": resource_id}
+    element = PATIENT_ELEMENT.get(resource_type, "subject")
+    ref = {"reference": f"Patient/{patient_ref}"}
+    if element == "participant":
+        return {"resourceType": resource_type, "id": resource_id, "participant": [{"actor": ref}]}
+    return {"resourceType": resource_type, "id": resource_id, element: ref}

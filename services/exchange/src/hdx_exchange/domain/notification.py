@@ -36,6 +36,7 @@ def build_notification(
     source: str,
     base_url: str,
     at: datetime | None = None,
+    deleted: bool = False,
 ) -> bytes:
     when = (at or datetime.now(UTC)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     focus_ref = f"{resource_type}/{resource_id}" if resource_id else None
@@ -75,7 +76,16 @@ def build_notification(
             "response": {"status": "200"},
         }
     ]
-    if subscription.payload is PayloadContent.FULL:
+    if deleted and focus_ref and subscription.payload is not PayloadContent.EMPTY:
+        # The publisher deleted it: the subscriber is told to, and gets no content.
+        entries.append(
+            {
+                "fullUrl": f"urn:hdx:event:{event_id}",
+                "request": {"method": "DELETE", "url": focus_ref},
+                "response": {"status": "200"},
+            }
+        )
+    elif subscription.payload is PayloadContent.FULL:
         entries.append(
             {
                 "fullUrl": f"urn:hdx:event:{event_id}",
