@@ -32,6 +32,7 @@ topic decided     6  cleanup.policy=delete
 topic links       3  cleanup.policy=compact
 topic consents    3  cleanup.policy=compact
 topic audit       3  cleanup.policy=delete retention.ms=-1
+topic audit.anchors 1  cleanup.policy=compact
 topic deadletter  3  cleanup.policy=delete retention.ms=-1
 
 "${kafka_topics}" --bootstrap-server "${bootstrap}" --describe --topic "${prefix}.*" \

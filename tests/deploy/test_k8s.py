@@ -20,17 +20,28 @@ STRIMZI = "kafka.strimzi.io/"
 
 # The ACL contract: topics each service reads and writes, and its consumer groups.
 READS = {
-    "exchange": {"hdx.inbound", "hdx.identified", "hdx.decided"},
+    "exchange": {"hdx.inbound", "hdx.identified", "hdx.decided", "hdx.audit", "hdx.audit.anchors"},
     "patient-index": {"hdx.validated"},
     "consent": {"hdx.routed", "hdx.consents"},
 }
 WRITES = {
-    "exchange": {"hdx.validated", "hdx.routed", "hdx.deadletter", "hdx.feed.*"},
+    "exchange": {
+        "hdx.validated",
+        "hdx.routed",
+        "hdx.deadletter",
+        "hdx.feed.*",
+        "hdx.audit.anchors",
+    },
     "patient-index": {"hdx.identified", "hdx.links", "hdx.deadletter", "hdx.audit"},
     "consent": {"hdx.decided", "hdx.audit", "hdx.consents", "hdx.deadletter"},
 }
 GROUPS = {
-    "exchange": {"hdx-exchange-ingress", "hdx-exchange-router", "hdx-exchange-delivery"},
+    "exchange": {
+        "hdx-exchange-ingress",
+        "hdx-exchange-router",
+        "hdx-exchange-delivery",
+        "hdx-exchange-audit-log",
+    },
     "patient-index": {"hdx-patient-index"},
     "consent": {"hdx-consent"},
 }
@@ -271,7 +282,9 @@ def test_services_autoscalers_and_budgets(render: Render, find: Find, target: st
         }
         assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
         # A replica beyond the partitions of what it consumes would idle.
-        inputs = READS[svc] - {"hdx.consents"}  # consents are read in full by every replica
+        # Consents are read in full by every replica; the anchors are read point-wise; the
+        # audit log is a side stage whose 3 partitions spread over the first replicas.
+        inputs = READS[svc] - {"hdx.consents", "hdx.audit", "hdx.audit.anchors"}
         assert hpa["maxReplicas"] <= min(topics[t] for t in inputs), f"{target}: {svc}"
         pdb = pdbs[name]["spec"]
         assert all(labels.get(k) == v for k, v in pdb["selector"]["matchLabels"].items())

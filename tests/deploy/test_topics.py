@@ -47,6 +47,7 @@ def test_the_brief_and_shared_agree() -> None:
         "hdx.links": (3, {"cleanup.policy": "compact"}),
         "hdx.consents": (3, {"cleanup.policy": "compact"}),
         "hdx.audit": (3, {"cleanup.policy": "delete", "retention.ms": "-1"}),
+        "hdx.audit.anchors": (1, {"cleanup.policy": "compact"}),
         "hdx.deadletter": (3, {"cleanup.policy": "delete", "retention.ms": "-1"}),
     }
 

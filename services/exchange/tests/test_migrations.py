@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hdx_exchange.models import DeliveryRow, PublisherRow, SubscriptionRow
+from hdx_exchange.models import (
+    AuditHeadRow,
+    AuditLogRow,
+    DeliveryRow,
+    PublisherRow,
+    ResourceOwnerRow,
+    SubscriptionRow,
+)
 from hdx_exchange.store import ExchangeStore
 from hdx_shared.db import make_engine, schema_drift
 from hdx_shared.settings import HdxSettings
@@ -19,7 +26,18 @@ def test_migrations_match_the_models(database_url: str, tmp_path: Path) -> None:
         store.create_schema()  # every start runs it; the second time is a no-op
         assert (
             schema_drift(
-                engine, [PublisherRow.__table__, SubscriptionRow.__table__, DeliveryRow.__table__]
+                engine,
+                [
+                    t.__table__  # type: ignore[attr-defined]
+                    for t in (
+                        PublisherRow,
+                        SubscriptionRow,
+                        DeliveryRow,
+                        ResourceOwnerRow,
+                        AuditLogRow,
+                        AuditHeadRow,
+                    )
+                ],
             )
             == []
         )  # type: ignore[attr-defined]

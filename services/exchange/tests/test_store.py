@@ -86,3 +86,15 @@ def test_resource_owners_are_remembered_and_updated(st: ExchangeStore) -> None:
     assert st.owner_of("s", "Observation", "o1") == "p2"
     assert st.owner_of("s", "Observation", "o2") == "p1"
     assert st.owner_of("t", "Observation", "o1") is None
+
+
+def test_the_audit_log_appends_once_per_audit_event_and_chains(st: ExchangeStore) -> None:
+    from hdx_exchange.domain.audit_chain import verify_chain
+
+    head = st.append_audit([("a1", "P1", b"{1}"), ("a2", None, b"{2}")])
+    again = st.append_audit([("a2", None, b"{2}"), ("a3", "P1", b"{3}")])
+    assert (head.seq, again.seq) == (2, 3)
+    records = list(st.audit_chain())
+    assert [r.audit_id for r in records] == ["a1", "a2", "a3"]
+    assert verify_chain(records, again) == []
+    assert st.audit_for_patient("P1") == [b"{3}", b"{1}"]

@@ -258,6 +258,28 @@ def trace_message(
     console.print(table)
 
 
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    exchange: Annotated[str, typer.Option(help="the exchange's HTTP address")] = (
+        "http://127.0.0.1:8003"
+    ),
+) -> None:
+    """Recompute the audit log's hash chain and compare its end with the newest anchor;
+    exit 1 and name every record that was altered, removed, reordered or cut off."""
+    result = httpx.get(f"{exchange}/admin/audit/verify", timeout=300).json()
+    anchor = result.get("anchor") or {}
+    console.print(f"{result['records']} records; newest anchor: seq {anchor.get('seq', '-')}")
+    for p in result["problems"]:
+        console.print(f"[red]record {p['seq']}[/red] ({p['audit_id'] or '-'}): {p['what']}")
+    if not result["intact"]:
+        raise typer.Exit(1)
+    console.print("[green]intact[/green]")
+
+
 @app.command("db-revision")
 def db_revision(
     service: Annotated[str, typer.Argument(help="patient-index, consent or exchange")],

@@ -69,6 +69,12 @@ class Topics:
         return f"{self.prefix}audit"
 
     @property
+    def audit_anchors(self) -> str:
+        """Compacted (key "head"): the audit log's newest sequence number and hash, kept
+        outside its database so a cut-off tail shows."""
+        return f"{self.prefix}audit.anchors"
+
+    @property
     def deadletter(self) -> str:
         """What could not be accepted: original bytes plus an OperationOutcome header."""
         return f"{self.prefix}deadletter"
@@ -94,5 +100,6 @@ class Topics:
             TopicSpec(self.links, partitions=3, compacted=True),
             TopicSpec(self.consents, partitions=3, compacted=True),
             TopicSpec(self.audit, partitions=3, config={"retention.ms": "-1"}),
+            TopicSpec(self.audit_anchors, partitions=1, compacted=True),
             TopicSpec(self.deadletter, partitions=3, config={"retention.ms": "-1"}),
         ]

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
+from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.domain.ingress import PATIENT_ELEMENT, Publisher
 from hdx_exchange.domain.subscriptions import subscription_from_fhir
 from hdx_exchange.models import SubscriptionRow
@@ -47,7 +48,11 @@ def _subscription_resource(row: SubscriptionRow) -> dict[str, Any]:
 
 
 def build_routers(
-    store: ExchangeStore, registry: Registry, topics: Topics, settings: ExchangeSettings
+    store: ExchangeStore,
+    registry: Registry,
+    topics: Topics,
+    settings: ExchangeSettings,
+    audit_log: AuditLog,
 ) -> list[APIRouter]:
     admin = APIRouter(prefix="/admin", tags=["publishers"])
 
@@ -72,7 +77,29 @@ def build_routers(
         registry.refresh()
         return body
 
+    @admin.get("/audit/verify")
+    async def verify_audit_log() -> dict[str, Any]:
+        """Recompute the audit log's hash chain and compare its end with the newest anchor."""
+        count, anchor, problems = await audit_log.verify()
+        return {
+            "intact": not problems,
+            "records": count,
+            "anchor": {"seq": anchor.seq, "hash": anchor.hash} if anchor else None,
+            "problems": [{"seq": p.seq, "audit_id": p.audit_id, "what": p.what} for p in problems],
+        }
+
     fhir = APIRouter(prefix="/fhir", tags=["Subscription"])
+
+    @fhir.get("/AuditEvent", tags=["AuditEvent"])
+    async def search_audit_events(patient: str, _count: int = 100) -> Response:
+        """A patient's audit trail, newest first (patient: Patient/<enterprise id>)."""
+        person = patient.removeprefix("Patient/")
+        bodies = store.audit_for_patient(person, limit=min(max(_count, 1), 1000))
+        bundle = b'{"resourceType":"Bundle","type":"searchset","total":%d,"entry":[' % len(bodies)
+        bundle += b",".join(
+            b'{"resource":' + body + b',"search":{"mode":"match"}}' for body in bodies
+        )
+        return FhirResponse(bundle + b"]}")
 
     @fhir.post("/Subscription", status_code=201)
     async def create_subscription(request: Request) -> Response:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 
 from hdx_exchange.api import build_routers
+from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.dispatcher import RestHookDispatcher
 from hdx_exchange.pipeline import ExchangePipeline, Registry
 from hdx_exchange.rest_publish import publishing_router
@@ -42,6 +43,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     async def publish(outgoing: Sequence[Outgoing]) -> None:
         await publish_all(broker, outgoing)
 
+    audit_log = AuditLog(store, topics, settings)
     dispatcher = RestHookDispatcher(store, registry, settings, topics, publish)
     pipeline.on_queued = dispatcher.wake
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
@@ -59,6 +61,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
             ("ingress", topics.inbound, pipeline.ingress),
             ("router", topics.identified, pipeline.route),
             ("delivery", topics.decided, pipeline.deliver),
+            ("audit-log", topics.audit, audit_log.record),
         )
     ]
     runtime.readiness_checks.append(lambda: registry.error)
@@ -86,7 +89,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     runtime.on_stop.append(stop)
 
     routers = [
-        *build_routers(store, registry, topics, settings),
+        *build_routers(store, registry, topics, settings, audit_log),
         publishing_router(registry, topics, pipeline.limits, publish),
     ]
     return create_service_app(runtime, title="HDX exchange", routers=routers)

@@ -76,3 +76,27 @@ class ResourceOwnerRow(SQLModel, table=True):
     resource_id: str = Field(primary_key=True)
     patient_ref: str
     updated_at: datetime = Field(default_factory=_now)
+
+
+class AuditLogRow(SQLModel, table=True):
+    """One AuditEvent, as received, in the hash chain (see domain.audit_chain)."""
+
+    __tablename__ = "audit_log"
+
+    seq: int = Field(primary_key=True)
+    audit_id: str = Field(unique=True)  # a redelivered AuditEvent is not appended twice
+    patient: str | None = Field(default=None, index=True)  # enterprise person id
+    recorded_at: datetime = Field(default_factory=_now)
+    body: bytes
+    prev_hash: str
+    hash: str
+
+
+class AuditHeadRow(SQLModel, table=True):
+    """The chain's head: one row, locked while appending so appends never interleave."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = 0
+    hash: str = "0" * 64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 
+from hdx_exchange.domain.audit_chain import GENESIS, Anchor, ChainedRecord, chain_hash
 from hdx_exchange.domain.ingress import Publisher
 from hdx_exchange.domain.routing import (
     ChannelType,
@@ -20,7 +21,14 @@ from hdx_exchange.domain.routing import (
     PayloadContent,
     Subscription,
 )
-from hdx_exchange.models import DeliveryRow, PublisherRow, ResourceOwnerRow, SubscriptionRow
+from hdx_exchange.models import (
+    AuditHeadRow,
+    AuditLogRow,
+    DeliveryRow,
+    PublisherRow,
+    ResourceOwnerRow,
+    SubscriptionRow,
+)
 from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
@@ -100,6 +108,77 @@ class ExchangeStore:
         with Session(self.engine) as s:
             s.merge(row)
             s.commit()
+
+    # Audit log ------------------------------------------------------------------------
+    def append_audit(self, events: Sequence[tuple[str, str | None, bytes]]) -> Anchor:
+        """Append (audit id, patient, AuditEvent bytes) to the hash chain; ids already in the
+        log are skipped. Returns the head after the append."""
+        return self._guarded(self._append_audit, events)
+
+    def _append_audit(self, events: Sequence[tuple[str, str | None, bytes]]) -> Anchor:
+        with Session(self.engine) as s:
+            head = s.exec(
+                select(AuditHeadRow).where(AuditHeadRow.id == 1).with_for_update()
+            ).first()
+            if head is None:
+                head = AuditHeadRow(id=1, seq=0, hash=GENESIS)
+                s.add(head)
+                s.flush()
+            ids = {e[0] for e in events}
+            known = set(
+                s.exec(select(AuditLogRow.audit_id).where(col(AuditLogRow.audit_id).in_(ids)))
+            )
+            for audit_id, patient, body in events:
+                if audit_id in known:
+                    continue
+                known.add(audit_id)
+                seq = head.seq + 1
+                digest = chain_hash(head.hash, seq, body)
+                s.add(
+                    AuditLogRow(
+                        seq=seq,
+                        audit_id=audit_id,
+                        patient=patient,
+                        body=body,
+                        prev_hash=head.hash,
+                        hash=digest,
+                    )
+                )
+                head.seq, head.hash = seq, digest
+            s.add(head)
+            s.commit()
+            return Anchor(head.seq, head.hash)
+
+    def audit_chain(self, chunk: int = 5000) -> Iterator[ChainedRecord]:
+        """The whole log in sequence order, read in chunks."""
+        after = 0
+        while True:
+            with Session(self.engine) as s:
+                rows = list(
+                    s.exec(
+                        select(AuditLogRow)
+                        .where(AuditLogRow.seq > after)
+                        .order_by(col(AuditLogRow.seq))
+                        .limit(chunk)
+                    )
+                )
+            if not rows:
+                return
+            for r in rows:
+                yield ChainedRecord(r.seq, r.audit_id, r.body, r.prev_hash, r.hash)
+            after = rows[-1].seq
+
+    def audit_for_patient(self, person: str, limit: int = 100) -> list[bytes]:
+        with Session(self.engine) as s:
+            return [
+                r.body
+                for r in s.exec(
+                    select(AuditLogRow)
+                    .where(AuditLogRow.patient == person)
+                    .order_by(col(AuditLogRow.seq).desc())
+                    .limit(limit)
+                )
+            ]
 
     # Resource owners ------------------------------------------------------------------
     def remember_owners(self, owners: Sequence[tuple[str, str, str, str]]) -> None:
