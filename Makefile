@@ -27,10 +27,11 @@ test: install ## Run the whole suite, flow tests on a real broker included
 test-fast: install ## Unit tests only (no broker, no database)
 	$(BIN)/pytest -m "not broker and not postgres"
 
-lint: install ## ruff and mypy (strict)
+lint: install ## ruff, mypy (strict) and the architecture contracts (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy shared/src services/patient-index/src services/consent/src services/exchange/src
+	$(BIN)/lint-imports
 
 format: install ## Format the code with ruff
 	$(BIN)/ruff format .
