@@ -4,8 +4,10 @@ lifespan as the HTTP server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +95,9 @@ class ServiceRuntime:
     readiness_checks: list[ReadinessCheck] = field(default_factory=list)
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Long-running loops (refreshes, sweeps, senders): started after on_start, cancelled
+    # before on_stop.
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     started: bool = False
 
     def not_ready_reasons(self) -> list[str]:
@@ -152,12 +157,18 @@ def create_service_app(
         for hook in runtime.on_start:
             await hook()
         await start_broker(runtime.broker)
+        tasks = [asyncio.create_task(loop()) for loop in runtime.background]
         runtime.started = True
         log.info("%s started", runtime.settings.service_name)
         try:
             yield
         finally:
             runtime.started = False
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             # Stopping the broker leaves the group and flushes the producer; an in-flight
             # batch that is cut short is not committed and will be redelivered.
             await runtime.broker.stop()

@@ -8,7 +8,6 @@ on hdx.consents) → a loop that pings the database and sends unpublished change
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -78,8 +77,6 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
         for record in raw if isinstance(raw, tuple) else (raw,):
             service.apply_change(record.value)
 
-    tasks: list[asyncio.Task[None]] = []
-
     async def housekeeping() -> None:
         while True:
             await asyncio.sleep(min(settings.db_check_seconds, settings.outbox_seconds))
@@ -98,14 +95,11 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
         except Unavailable as exc:
             # Start anyway: /readyz says why and the gate waits until the database is back.
             log.error("consent database unavailable at start-up: %s", exc)
-        tasks.append(asyncio.create_task(housekeeping()))
 
     async def stop() -> None:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         store.engine.dispose()
+
+    runtime.background.append(housekeeping)
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)

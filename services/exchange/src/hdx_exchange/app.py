@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 from fastapi import FastAPI
@@ -65,7 +64,6 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
         )
     ]
     runtime.readiness_checks.append(lambda: registry.error)
-    background: list[asyncio.Task[None]] = []
 
     async def keep_registry_fresh() -> None:
         while True:
@@ -75,15 +73,11 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     async def start() -> None:
         store.create_schema()
         registry.refresh()
-        background.append(asyncio.create_task(keep_registry_fresh()))
-        background.append(asyncio.create_task(dispatcher.run()))
 
     async def stop() -> None:
-        for task in background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         store.engine.dispose()
+
+    runtime.background += [keep_registry_fresh, dispatcher.run]
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)
