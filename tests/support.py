@@ -227,3 +227,12 @@ def register_publisher(exchange_url: str, source: str) -> None:
         },
     )
     assert r.status_code == 201, r.text
+
+
+def consent_denying(nhs: str, recipient: str) -> dict[str, Any]:
+    """An active patient-privacy Consent: the patient (by NHS number) denies a recipient."""
+    from hdx_consent.examples import consent, provision
+
+    return consent(
+        provision("deny", actor=[recipient], role="IRCP"), patient=None, identifier=(NHS, nhs)
+    )

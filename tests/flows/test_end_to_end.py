@@ -20,6 +20,7 @@ from tests.support import (
     Publisher,
     Record,
     TopicReader,
+    consent_denying,
     nhs_number,
     observation,
     patient,
@@ -39,42 +40,7 @@ class Exchange:
     feed: str
 
     def consent_denying_recipient(self, nhs: str) -> None:
-        consent = {
-            "resourceType": "Consent",
-            "status": "active",
-            "scope": {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                        "code": "patient-privacy",
-                    }
-                ]
-            },
-            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-            "patient": {"identifier": {"system": NHS, "value": nhs}},
-            "dateTime": "2026-01-01",
-            "policyRule": {
-                "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}
-                ]
-            },
-            "provision": {
-                "type": "deny",
-                "actor": [
-                    {
-                        "role": {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                    "code": "IRCP",
-                                }
-                            ]
-                        },
-                        "reference": {"reference": self.recipient},
-                    }
-                ],
-            },
-        }
+        consent = consent_denying(nhs, self.recipient)
         r = httpx.post(
             f"{self.stack.url('consent')}/fhir/Consent",
             content=orjson.dumps(consent),

@@ -27,9 +27,9 @@ from hdx_shared.embedded_broker import BrokerEndpoint
 from hdx_shared.envelope import derive_event_id
 from tests.flows.test_exchange_channels import wait_until
 from tests.support import (
-    NHS,
     Publisher,
     TopicReader,
+    consent_denying,
     nhs_number,
     observation,
     patient,
@@ -155,36 +155,7 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
         )
         assert r.status_code == 201, r.text
     nhs, family, given = nhs_number(), "Featherstonehaugh", "Philippa"
-    consent = {
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                    "code": "patient-privacy",
-                }
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": NHS, "value": nhs}},
-        "provision": {
-            "type": "deny",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                "code": "IRCP",
-                            }
-                        ]
-                    },
-                    "reference": {"reference": denied},
-                }
-            ],
-        },
-    }
+    consent = consent_denying(nhs, denied)
     r = httpx.post(
         f"{stack.url('consent')}/fhir/Consent",
         content=orjson.dumps(consent),
