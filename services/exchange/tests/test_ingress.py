@@ -108,3 +108,21 @@ def test_a_tombstone_keeps_only_identity_and_patient() -> None:
     }
     assert tombstone("Immunization", "i1", "p1")["patient"] == {"reference": "Patient/p1"}
     assert tombstone("Patient", "p1", "p1") == {"resourceType": "Patient", "id": "p1"}
+
+
+def test_a_publisher_cannot_set_hdx_headers() -> None:
+    forged = Envelope.from_headers(
+        {
+            "ce_id": "e1",
+            "ce_source": SRC,
+            "hdx_person": "someone-else",
+            "hdx_permitted": '[{"subscription": "s"}]',
+            "hdx_identity": "certain",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        }
+    )
+    [out] = accept_message(orjson.dumps(OBS), forged, PUBLISHERS, Limits(), "t/0/1")
+    headers = out.envelope.to_headers()
+    assert out.envelope.person is None
+    assert not any(k in headers for k in ("hdx_person", "hdx_permitted", "hdx_identity"))
+    assert "traceparent" in headers

@@ -10,11 +10,18 @@ Shape, after IHE Basic Audit Log Patterns:
   the data (resource type, event id, security labels), the subscription, and the Consent
   that decided (or, when none did, the exchange policy) with the reasons as details.
 
-Its id is uuid5(event id, subscription id), so a redelivered message yields the same id.
+Its id is uuid5(event id, subscription id), so a redelivered message yields the same id; an
+event the patient index re-emitted after resolving an uncertain identity is a new decision,
+and its id is uuid5(event id, subscription id, "reevaluation", resolution).
+
+When the record's identity was uncertain, the subtype also has ``identity-uncertain``, and
+the decider entity's details say so (``identity``) and name each candidate person
+(``candidatePerson``: Patient/<enterprise id> — never their identifiers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,8 +43,11 @@ OBJECT_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/security-source-type"
 
 
-def audit_event_id(event_id: str, subscription: str) -> str:
-    """uuid5 of (event id, subscription id) in HDX's event namespace."""
+def audit_event_id(event_id: str, subscription: str, reevaluation: str | None = None) -> str:
+    """uuid5 of (event id, subscription id) in HDX's event namespace — plus the resolution
+    when the event is a re-evaluation after an identity was resolved."""
+    if reevaluation:
+        return derive_event_id(event_id, subscription, "reevaluation", reevaluation)
     return derive_event_id(event_id, subscription)
 
 
@@ -62,6 +72,9 @@ def audit_event(
     source: str,
     recorded: datetime,
     service: str = "consent",
+    identity_uncertain: bool = False,
+    candidate_persons: Sequence[str] = (),
+    reevaluation: str | None = None,
 ) -> dict[str, Any]:
     """The AuditEvent for one decision about one message and one subscription."""
     purpose = {"coding": [{"system": PURPOSE_SYSTEM, "code": request.purpose}]}
@@ -76,6 +89,12 @@ def audit_event(
         subtype.append(
             {"system": AUDIT_SYSTEM, "code": "break-glass", "display": "Break-glass override"}
         )
+    if identity_uncertain:
+        subtype.append(
+            {"system": AUDIT_SYSTEM, "code": "identity-uncertain", "display": "Identity uncertain"}
+        )
+    if reevaluation:
+        subtype.append({"system": AUDIT_SYSTEM, "code": "reevaluation", "display": "Re-evaluation"})
 
     if request.person:
         patient_ref: dict[str, Any] = {"reference": f"Patient/{request.person}"}
@@ -102,6 +121,11 @@ def audit_event(
         details.append(_detail("provision", decision.provision_path))
     if request.break_glass_reason:
         details.append(_detail("breakGlassReason", request.break_glass_reason))
+    if identity_uncertain:
+        details.append(_detail("identity", "identity-uncertain"))
+        details += [_detail("candidatePerson", f"Patient/{p}") for p in candidate_persons]
+    if reevaluation:
+        details.append(_detail("reevaluation", reevaluation))
     if decision.consent_id:
         ref = f"Consent/{decision.consent_id}"
         if decision.consent_version:
@@ -121,7 +145,7 @@ def audit_event(
 
     return {
         "resourceType": "AuditEvent",
-        "id": audit_event_id(event_id, subscription),
+        "id": audit_event_id(event_id, subscription, reevaluation),
         "type": {"system": AUDIT_SYSTEM, "code": "consent-decision", "display": "Consent decision"},
         "subtype": subtype,
         "action": "E",

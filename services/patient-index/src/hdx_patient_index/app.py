@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from hdx_patient_index.api import build_router
 from hdx_patient_index.domain.identifiers import TrustedSystems
 from hdx_patient_index.domain.matching import MatchConfig, Matcher
+from hdx_patient_index.operations import IdentityOperations
 from hdx_patient_index.pipeline import IdentifyStage
 from hdx_patient_index.service import PatientIndexService
 from hdx_patient_index.settings import PatientIndexSettings
@@ -44,6 +45,7 @@ def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
         TrustedSystems.of(settings.trusted_identifier_systems),
     )
     stage = IdentifyStage(service, topics)
+    ops = IdentityOperations(service, topics)
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
     runtime.stages.append(
         add_stage(
@@ -90,6 +92,12 @@ def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
                 )
             )
         )
+        # What identity operations committed but could not publish at once (broker down).
+        tasks.append(
+            asyncio.create_task(
+                every(settings.outbox_seconds, lambda: ops.flush_outbox(publish), "outbox")
+            )
+        )
 
     async def stop() -> None:
         for task in tasks:
@@ -103,5 +111,7 @@ def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
     return create_service_app(
         runtime,
         title="HDX patient index",
-        routers=[build_router(service, settings.public_base_url.rstrip("/"))],
+        routers=[
+            build_router(service, settings.public_base_url.rstrip("/"), ops=ops, publish=publish)
+        ],
     )

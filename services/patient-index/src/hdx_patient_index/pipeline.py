@@ -13,7 +13,10 @@ Input: one validated FHIR resource per record (ingress splits Bundles), with the
   patient data only.
 
 Everything forwarded is keyed by the person id and carries ``hdx_person`` and
-``hdx_person_identifiers`` (the person's trusted identifiers, "system|value").
+``hdx_person_identifiers`` (the person's trusted identifiers, "system|value"). While the
+person's identity is uncertain (an open review task, a merge not yet reviewed) it also
+carries ``hdx_identity: uncertain`` and ``hdx_candidate_persons`` (domain/identity.py), and
+the event is logged with its validated bytes, to be re-emitted once a person resolves it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 
 import orjson
 
+from hdx_patient_index.domain.identity import IDENTITY_HEADERS
 from hdx_patient_index.domain.stamping import (
     find_patient_reference,
     local_patient_id,
     stamp_patient,
     stamp_reference,
 )
+from hdx_patient_index.outgoing import link_outgoing
 from hdx_patient_index.service import (
     BatchWork,
     LinkEvent,
@@ -38,7 +43,7 @@ from hdx_patient_index.service import (
     PatientIndexService,
     PersonRef,
 )
-from hdx_shared.envelope import Envelope, Header, derive_event_id
+from hdx_shared.envelope import Envelope
 from hdx_shared.fhir import FhirError, Issue, operation_outcome
 from hdx_shared.messaging import Inbound, Outgoing, dead_letter, dead_letter_for
 from hdx_shared.topics import Topics
@@ -113,7 +118,11 @@ class IdentifyStage:
             )
             return []
         stamp_reference(ref, person.person_id)
-        return [self._identified(doc, env.evolve(patient_ref=local_id), person)]
+        return [
+            self._identified(
+                work, doc, env.evolve(patient_ref=local_id), person, m.value, env.to_headers()
+            )
+        ]
 
     def _patient(self, work: BatchWork, m: Inbound, doc: dict[str, Any]) -> list[Outgoing]:
         env = m.envelope
@@ -122,13 +131,44 @@ class IdentifyStage:
             return [dead_letter_for(self.topics, m, _no_patient("Patient"))]
         outcome = work.link_patient(env.source, local_id, doc, env.event_id or m.origin)
         stamp_patient(doc, outcome.person.person_id)
-        out = [self._identified(doc, env.evolve(patient_ref=local_id), outcome.person)]
+        out = [
+            self._identified(
+                work,
+                doc,
+                env.evolve(patient_ref=local_id),
+                outcome.person,
+                m.value,
+                env.to_headers(),
+            )
+        ]
         if outcome.link is not None:
             out.append(self._link(outcome.link, env))
-        out.extend(self._released(p, outcome.person) for p in outcome.released)
+        out.extend(self._released(work, p, outcome.person) for p in outcome.released)
         return out
 
-    def _identified(self, doc: dict[str, Any], env: Envelope, person: PersonRef) -> Outgoing:
+    def _identified(
+        self,
+        work: BatchWork,
+        doc: dict[str, Any],
+        env: Envelope,
+        person: PersonRef,
+        validated: bytes,
+        validated_headers: dict[str, str],
+    ) -> Outgoing:
+        """Forward a stamped resource, with the person's identity state; log it if the
+        identity is uncertain or a merge is in force (``validated``: the bytes as read)."""
+        state = work.identity(person.person_id)
+        # The index alone says whether an identity is uncertain: never a header from upstream.
+        env = env.without_extra(*IDENTITY_HEADERS).with_extra(**state.headers())
+        work.record_event(
+            state,
+            event_id=env.event_id,
+            source=env.source,
+            local_id=env.patient_ref or "",
+            resource_type=env.resource_type or str(doc.get("resourceType") or ""),
+            value=validated,
+            headers=validated_headers,
+        )
         headers = env.evolve(
             person=person.person_id, person_identifiers=person.trusted
         ).to_headers()
@@ -136,42 +176,23 @@ class IdentifyStage:
             self.topics.identified, orjson.dumps(doc), person.person_id.encode(), headers
         )
 
-    def _released(self, parked: ParkedMessage, person: PersonRef) -> Outgoing:
+    def _released(self, work: BatchWork, parked: ParkedMessage, person: PersonRef) -> Outgoing:
         env = Envelope.from_headers(parked.headers)
         doc = orjson.loads(parked.value)
         ref = find_patient_reference(doc, parked.local_id)
         if ref is not None:
             stamp_reference(ref, person.person_id)
-        return self._identified(doc, env.evolve(patient_ref=parked.local_id), person)
+        return self._identified(
+            work,
+            doc,
+            env.evolve(patient_ref=parked.local_id),
+            person,
+            parked.value,
+            parked.headers,
+        )
 
     def _link(self, link: LinkEvent, env: Envelope) -> Outgoing:
-        value: dict[str, str | bool] = {
-            "person": link.person_id,
-            "source": link.source,
-            "local_id": link.local_id,
-            "grade": link.grade.value,
-            "by": link.by,
-        }
-        if link.possible_match:
-            value["possible_match"] = True
-        headers = {
-            Header.ID.value: derive_event_id("link", link.source, link.local_id, link.person_id),
-            Header.SOURCE.value: link.source,
-            Header.TYPE.value: "link",
-            Header.SPECVERSION.value: "1.0",
-            Header.CONTENT_TYPE.value: "application/json",
-            Header.PERSON.value: link.person_id,
-            Header.PATIENT_REF.value: link.local_id,
-        }
-        for name in (Header.TRACEPARENT.value, Header.TRACESTATE.value):
-            if name in env.extra:
-                headers[name] = env.extra[name]
-        return Outgoing(
-            self.topics.links,
-            orjson.dumps(value),
-            f"{link.source}|{link.local_id}".encode(),
-            headers,
-        )
+        return link_outgoing(self.topics, link, env.extra)
 
     # The park timeout ------------------------------------------------------------------
     async def expire_parked(self, publish: Publish, timeout_ms: int) -> int:

@@ -20,12 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
 from hdx_patient_index import store as db
 from hdx_patient_index.domain.demographics import Demographics, extract_demographics
-from hdx_patient_index.domain.golden import LinkedRecord, golden_patient, snapshot
+from hdx_patient_index.domain.golden import LinkedRecord, golden_patient, snapshot, tombstone
 from hdx_patient_index.domain.identifiers import Identifier, TrustedSystems
+from hdx_patient_index.domain.identity import (
+    MERGE_REVIEW,
+    CandidatePerson,
+    IdentityState,
+    candidates_json,
+    unique_candidates,
+)
 from hdx_patient_index.domain.index import PersonIndex, RecordKey
 from hdx_patient_index.domain.matching import (
     Basis,
@@ -36,7 +44,9 @@ from hdx_patient_index.domain.matching import (
     trusted_conflict,
 )
 from hdx_patient_index.models import (
+    EventLogRow,
     LinkRow,
+    MergeRow,
     ParkedRow,
     PersonRow,
     ReviewTaskRow,
@@ -83,6 +93,15 @@ class ParkedMessage:
         )
 
 
+class VersionConflict(Exception):
+    """A person changed since it was read (another operation, replica or batch): the
+    change is refused, never merged silently (HTTP 409; a batch is retried)."""
+
+    def __init__(self, person_id: str) -> None:
+        self.person_id = person_id
+        super().__init__(f"Patient/{person_id} was changed concurrently")
+
+
 @dataclass(frozen=True, slots=True)
 class LinkEvent:
     """A new or changed link, for the compacted links topic."""
@@ -90,9 +109,89 @@ class LinkEvent:
     source: str
     local_id: str
     person_id: str
-    grade: Grade
+    grade: Grade | str
     possible_match: bool
     by: str = "auto"
+    operation: str | None = None  # manual changes: link | unlink | merge | unmerge | …
+    operation_id: str | None = None
+    weight: float | None = None
+    no_link: tuple[str, ...] = ()  # persons a person decided this record is not
+
+
+def _split(tokens: str) -> tuple[str, ...]:
+    return tuple(tokens.split())
+
+
+def identity_state(s: Session, person_id: str) -> IdentityState:
+    """Is this person's identity uncertain (an open review task on either side, a merge
+    not yet reviewed), and which persons may it be? (See domain/identity.py.)"""
+    person = s.get(PersonRow, person_id)
+    merges = tuple(m.id for m in db.merges_in_force(s, person_id))
+    tasks = db.open_tasks_of(s, person_id)
+    if not tasks:
+        return IdentityState(person_id, merges=merges)
+    candidates = [CandidatePerson(person_id, _split(person.trusted_ids) if person else ())]
+    for t in tasks:
+        if t.reason == MERGE_REVIEW:
+            merge = s.get(MergeRow, t.local_id)
+            if merge is not None:
+                candidates.append(
+                    CandidatePerson(merge.survivor_id, _split(merge.survivor_trusted))
+                )
+                candidates.append(CandidatePerson(merge.merged_id, _split(merge.merged_trusted)))
+                continue
+        other = t.candidate_person_id if t.person_id == person_id else t.person_id
+        if other != person_id:
+            row = s.get(PersonRow, other)
+            candidates.append(CandidatePerson(other, _split(row.trusted_ids) if row else ()))
+    return IdentityState(
+        person_id,
+        reasons=tuple(dict.fromkeys(t.reason for t in tasks)),
+        candidates=unique_candidates(candidates),
+        merges=merges,
+    )
+
+
+def refresh_person(s: Session, person_id: str, now: int, trusted: TrustedSystems) -> PersonRef:
+    """Rebuild a person's golden record and trusted identifiers from its records, and bump
+    its version — compare-and-set on the version it had when this session read it, so a
+    concurrent change (another replica, an HTTP operation) makes this one fail instead of
+    overwriting it (VersionConflict)."""
+    person = s.get(PersonRow, person_id)
+    if person is None:
+        raise Unavailable(f"person {person_id} is missing")
+    records = db.records_of(s, person_id)
+    ids: dict[str, None] = {}
+    for r in records:
+        for token in orjson.loads(r.demographics).get("trusted", ()):
+            ids[token] = None
+    if person.status == "merged" and person.replaced_by:
+        golden = tombstone(person_id, person.replaced_by)
+    else:
+        golden = golden_patient(
+            person_id,
+            [
+                LinkedRecord(r.source, r.local_id, r.updated_ms, orjson.loads(r.snapshot))
+                for r in records
+            ],
+            trusted,
+            replaces=[m.merged_id for m in db.merges_in_force(s, person_id)],
+        )
+    s.flush()
+    result: Any = s.execute(
+        update(PersonRow)
+        .where(col(PersonRow.id) == person_id, col(PersonRow.version) == person.version)
+        .values(
+            golden=orjson.dumps(golden).decode(),
+            trusted_ids=" ".join(sorted(ids)),
+            version=person.version + 1,
+            updated_ms=now,
+        )
+        .execution_options(synchronize_session="fetch")
+    )
+    if result.rowcount != 1:
+        raise VersionConflict(person_id)
+    return PersonRef(person.id, tuple(sorted(ids)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +308,48 @@ class BatchWork:
         self.svc = service
         self.s = session
         self._people: dict[RecordKey, PersonRef | None] = {}
+        self._identity: dict[str, IdentityState] = {}
+
+    # Identity state ----------------------------------------------------------------------
+    def identity(self, person_id: str) -> IdentityState:
+        """The person's identity state (cached for the batch; a new review task clears it)."""
+        state = self._identity.get(person_id)
+        if state is None:
+            state = self._identity[person_id] = identity_state(self.s, person_id)
+        return state
+
+    def record_event(
+        self,
+        state: IdentityState,
+        *,
+        event_id: str,
+        source: str,
+        local_id: str,
+        resource_type: str,
+        value: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        """Log an event emitted while the person was uncertain (with its validated bytes and
+        headers, to re-emit once resolved) or had a merge in force (its id, for review)."""
+        if not (state.uncertain or state.merges) or not event_id:
+            return
+        if db.logged_event(self.s, event_id, state.person) is not None:
+            return
+        self.s.add(
+            EventLogRow(
+                event_id=event_id,
+                person_id=state.person,
+                source=source,
+                local_id=local_id,
+                resource_type=resource_type,
+                emitted_ms=self.svc.clock(),
+                uncertain=state.uncertain,
+                candidates=candidates_json(state.candidates),
+                value=value if state.uncertain else None,
+                headers=orjson.dumps(headers).decode() if state.uncertain else None,
+            )
+        )
+        self.s.flush()
 
     # Non-Patient resources -------------------------------------------------------------
     def person_for(self, source: str, local_id: str) -> PersonRef | None:
@@ -373,6 +514,14 @@ class BatchWork:
         source, local_id = key
         if db.existing_review(self.s, source, local_id, candidate.person_id, reason.value):
             return
+        # Sticky: a person said this record is not that person; a merged person is no one.
+        if db.no_link(self.s, source, local_id, candidate.person_id) is not None:
+            return
+        other = self.s.get(PersonRow, candidate.person_id)
+        if other is not None and other.status != "active":
+            return
+        self._identity.pop(person_id, None)
+        self._identity.pop(candidate.person_id, None)
         self.s.add(
             ReviewTaskRow(
                 id=str(uuid.uuid4()),
@@ -399,29 +548,8 @@ class BatchWork:
 
     def _refresh_person(self, person_id: str, now: int) -> PersonRef:
         """Rebuild the golden record and trusted identifiers from the person's records."""
-        svc, s = self.svc, self.s
-        person = s.get(PersonRow, person_id)
-        if person is None:
-            raise Unavailable(f"person {person_id} is missing")
-        records = db.records_of(s, person_id)
-        trusted: dict[str, None] = {}
-        for r in records:
-            for token in orjson.loads(r.demographics).get("trusted", ()):
-                trusted[token] = None
-        golden = golden_patient(
-            person_id,
-            [
-                LinkedRecord(r.source, r.local_id, r.updated_ms, orjson.loads(r.snapshot))
-                for r in records
-            ],
-            svc.trusted,
-        )
-        person.golden = orjson.dumps(golden).decode()
-        person.trusted_ids = " ".join(sorted(trusted))
-        person.version += 1
-        person.updated_ms = now
-        s.add(person)
-        return PersonRef(person.id, tuple(sorted(trusted)))
+        self._identity.pop(person_id, None)
+        return refresh_person(self.s, person_id, now, self.svc.trusted)
 
     def _release(self, source: str, local_id: str, event_id: str, now: int) -> list[ParkedMessage]:
         out = []

@@ -30,6 +30,9 @@ class PatientIndexSettings(HdxSettings):
     park_sweep_seconds: float = Field(default=60.0, gt=0)
     # How often the in-memory index picks up what other replicas wrote.
     index_refresh_seconds: float = Field(default=5.0, gt=0)
+    # How often the outbox loop publishes what identity operations committed but could not
+    # publish right away (the broker was away).
+    outbox_seconds: float = Field(default=2.0, gt=0)
     # The base URL clients see in searchset Bundles.
     public_base_url: str = "http://127.0.0.1:8001/fhir"
 

@@ -22,8 +22,12 @@ from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import Identifier
 from hdx_patient_index.domain.index import PersonIndex
 from hdx_patient_index.models import (
+    EventLogRow,
     IdentifierRow,
     LinkRow,
+    MergeRow,
+    NoLinkRow,
+    OutboxRow,
     ParkedRow,
     PersonRow,
     ReviewTaskRow,
@@ -76,7 +80,10 @@ class PatientIndexStore:
                 SourceRecordRow.demographics,
             )
             if since_ms is not None:
-                q = q.where(col(SourceRecordRow.updated_ms) >= since_ms)
+                q = q.where(
+                    (col(SourceRecordRow.updated_ms) >= since_ms)
+                    | (col(SourceRecordRow.linked_ms) >= since_ms)
+                )
             for source, local_id, person_id, demographics in s.exec(q):
                 index.put(
                     (source, local_id),
@@ -128,12 +135,61 @@ class PatientIndexStore:
         with self.reading() as s:
             return set(trusted_owners(s, identifiers).values())
 
-    def review_tasks(self, status: str | None = None, limit: int = 100) -> list[ReviewTaskRow]:
+    def review_tasks(
+        self, status: str | None = None, limit: int = 100, person: str | None = None
+    ) -> list[ReviewTaskRow]:
         with self.reading() as s:
             q = select(ReviewTaskRow).order_by(col(ReviewTaskRow.created_ms).desc()).limit(limit)
             if status:
                 q = q.where(ReviewTaskRow.status == status)
+            if person:
+                q = q.where(
+                    (col(ReviewTaskRow.person_id) == person)
+                    | (col(ReviewTaskRow.candidate_person_id) == person)
+                )
             return list(s.exec(q))
+
+    def review_task(self, task_id: str) -> ReviewTaskRow | None:
+        with self.reading() as s:
+            return s.get(ReviewTaskRow, task_id)
+
+    def merge(self, merge_id: str) -> MergeRow | None:
+        with self.reading() as s:
+            return s.get(MergeRow, merge_id)
+
+    def merges(self, person: str | None = None, limit: int = 100) -> list[MergeRow]:
+        with self.reading() as s:
+            q = select(MergeRow).order_by(col(MergeRow.merged_ms).desc()).limit(limit)
+            if person:
+                q = q.where(
+                    (col(MergeRow.survivor_id) == person) | (col(MergeRow.merged_id) == person)
+                )
+            return list(s.exec(q))
+
+    def merge_events(self, merge: MergeRow) -> list[EventLogRow]:
+        with self.reading() as s:
+            return merge_events_in(s, merge)
+
+    def links_of(self, source: str, local_id: str) -> list[LinkRow]:
+        """A source record's link history, oldest first."""
+        with self.reading() as s:
+            return list(
+                s.exec(
+                    select(LinkRow)
+                    .where(LinkRow.source == source, LinkRow.local_id == local_id)
+                    .order_by(col(LinkRow.id))
+                )
+            )
+
+    # The outbox ------------------------------------------------------------------------
+    def outbox(self, limit: int = 500) -> list[OutboxRow]:
+        with self.reading() as s:
+            return list(s.exec(select(OutboxRow).order_by(col(OutboxRow.id)).limit(limit)))
+
+    def delete_outbox(self, ids: Sequence[int]) -> None:
+        if ids:
+            with self.transaction() as s:
+                s.execute(delete(OutboxRow).where(col(OutboxRow.id).in_(list(ids))))
 
     # The park timeout ------------------------------------------------------------------
     def expired_parked(self, cutoff_ms: int, limit: int = 500) -> list[ParkedRow]:
@@ -266,3 +322,102 @@ def existing_review(
 
 def headers_json(headers: dict[str, str]) -> str:
     return orjson.dumps(headers).decode()
+
+
+def merge_events_in(s: Session, merge: MergeRow) -> list[EventLogRow]:
+    """What the stage emitted for the survivor while the merge was in force (from the merge
+    to the unmerge, or to now)."""
+    q = (
+        select(EventLogRow)
+        .where(
+            EventLogRow.person_id == merge.survivor_id,
+            col(EventLogRow.emitted_ms) >= merge.merged_ms,
+        )
+        .order_by(col(EventLogRow.id))
+    )
+    if merge.unmerged_ms is not None:
+        q = q.where(col(EventLogRow.emitted_ms) <= merge.unmerged_ms)
+    return list(s.exec(q))
+
+
+def open_tasks_of(s: Session, person_id: str) -> list[ReviewTaskRow]:
+    """Open review tasks this person is on either side of, oldest first."""
+    return list(
+        s.exec(
+            select(ReviewTaskRow)
+            .where(
+                ReviewTaskRow.status == "open",
+                (col(ReviewTaskRow.person_id) == person_id)
+                | (col(ReviewTaskRow.candidate_person_id) == person_id),
+            )
+            .order_by(col(ReviewTaskRow.created_ms), col(ReviewTaskRow.id))
+        )
+    )
+
+
+def open_tasks_of_record(s: Session, source: str, local_id: str) -> list[ReviewTaskRow]:
+    return list(
+        s.exec(
+            select(ReviewTaskRow).where(
+                ReviewTaskRow.status == "open",
+                ReviewTaskRow.source == source,
+                ReviewTaskRow.local_id == local_id,
+            )
+        )
+    )
+
+
+def merges_in_force(s: Session, survivor_id: str) -> list[MergeRow]:
+    """Merges into this person that were not undone, oldest first."""
+    return list(
+        s.exec(
+            select(MergeRow)
+            .where(MergeRow.survivor_id == survivor_id, MergeRow.status != "unmerged")
+            .order_by(col(MergeRow.merged_ms))
+        )
+    )
+
+
+def no_link(s: Session, source: str, local_id: str, person_id: str) -> NoLinkRow | None:
+    return s.exec(
+        select(NoLinkRow).where(
+            NoLinkRow.source == source,
+            NoLinkRow.local_id == local_id,
+            NoLinkRow.person_id == person_id,
+        )
+    ).first()
+
+
+def no_links_of(s: Session, source: str, local_id: str) -> list[NoLinkRow]:
+    return list(
+        s.exec(
+            select(NoLinkRow)
+            .where(NoLinkRow.source == source, NoLinkRow.local_id == local_id)
+            .order_by(col(NoLinkRow.id))
+        )
+    )
+
+
+def logged_event(s: Session, event_id: str, person_id: str) -> EventLogRow | None:
+    return s.exec(
+        select(EventLogRow).where(
+            EventLogRow.event_id == event_id, EventLogRow.person_id == person_id
+        )
+    ).first()
+
+
+def pending_reemission(s: Session, source: str, local_id: str) -> list[EventLogRow]:
+    """Events of this source record emitted while its identity was uncertain and not yet
+    re-emitted, in the order they were emitted."""
+    return list(
+        s.exec(
+            select(EventLogRow)
+            .where(
+                EventLogRow.source == source,
+                EventLogRow.local_id == local_id,
+                col(EventLogRow.uncertain).is_(True),
+                col(EventLogRow.reemitted_ms).is_(None),
+            )
+            .order_by(col(EventLogRow.id))
+        )
+    )

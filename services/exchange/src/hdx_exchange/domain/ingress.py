@@ -183,6 +183,14 @@ def accept_message(
         )
     doc = decode_resource(raw, limits)
     origin_id = envelope.event_id or fallback_id
+    # HDX's own headers are HDX's to set: whatever a publisher put there is dropped, so no
+    # one can claim an identity, a candidate or a consent decision from outside.
+    envelope = Envelope(
+        envelope.event_id,
+        envelope.source,
+        envelope.change,
+        extra={k: v for k, v in envelope.extra.items() if not k.startswith("hdx_")},
+    )
     received = now_ms()
 
     def event(

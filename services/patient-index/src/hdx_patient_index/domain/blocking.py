@@ -8,6 +8,8 @@ chosen so that each kind of error one field can carry leaves another key intact:
 - ``n:<metaphone(given)>:<metaphone(family)>`` — birth date missing or wrong entirely
 - ``p:<postcode>``                — names and birth date both unreliable, same address
 - ``t:<phone>``                   — same phone line
+- ``a:<address line>``            — same house, postcode typed wrong or missing
+- ``i:<system>|<value>``          — the same untrusted identifier (a hospital number)
 
 Queries add variants that an index key cannot hold: the birth date with day and month
 swapped, and the family names a person was known by before (maiden names).
@@ -42,6 +44,8 @@ def index_keys(d: Demographics) -> frozenset[str]:
         keys.add(f"n:{metaphone(d.first_given)}:{metaphone(compact(d.family))}")
     keys.update(f"p:{p}" for p in d.postcodes)
     keys.update(f"t:{p}" for p in d.phones)
+    keys.update(f"a:{compact(line)}" for line in d.addresses if " " in line)
+    keys.update(f"i:{i.system}|{i.value}" for i in d.identifiers if i.system)
     return frozenset(keys)
 
 

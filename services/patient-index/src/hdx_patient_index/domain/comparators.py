@@ -14,7 +14,12 @@ from functools import lru_cache
 import jellyfish
 
 from hdx_patient_index.domain.demographics import Demographics
-from hdx_patient_index.domain.normalise import compact, given_name_forms, postcode_district
+from hdx_patient_index.domain.normalise import (
+    compact,
+    given_name_forms,
+    postcode_district,
+    split_house_number,
+)
 
 
 class Field(StrEnum):
@@ -22,7 +27,8 @@ class Field(StrEnum):
     GIVEN = "given"
     BIRTH_DATE = "birth_date"
     GENDER = "gender"
-    POSTCODE = "postcode"
+    POSTCODE = "postcode"  # compared within ADDRESS (compare_postcode), not on its own
+    ADDRESS = "address"  # where they live: first address line and postcode together
     PHONE = "phone"
     IDENTIFIER = "identifier"  # identifiers of untrusted systems (e.g. a hospital number)
 
@@ -37,15 +43,19 @@ class Level(StrEnum):
     INITIAL = "initial"  # one given name is the other's initial
     TRANSPOSED = "transposed"  # family and given name swapped
     DAY_MONTH_SWAPPED = "day-month-swapped"  # 1980-03-04 vs 1980-04-03
-    ONE_DIGIT = "one-digit"  # one digit typed wrong, or two adjacent digits swapped
+    ONE_DIGIT = "one-digit"  # one character typed wrong, or two adjacent ones swapped
     SAME_YEAR = "same-year"
     DISTRICT = "district"  # same postcode district (outward code)
+    SAME_LINE = "same-line"  # addresses: the same first line under another postcode
+    SAME_POSTCODE = "same-postcode"  # addresses: the same postcode, not the same line
     DISAGREE = "disagree"
     MISSING = "missing"
 
 
 JW_HIGH = 0.94
 JW_LOW = 0.88
+# Identifiers shorter than this one keying error apart are as likely different people.
+MIN_KEYED_LENGTH = 6
 
 
 @lru_cache(maxsize=65_536)
@@ -108,6 +118,22 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
     return level
 
 
+def one_edit(a: str, b: str) -> bool:
+    """One keying error apart: a single character substituted, or two adjacent ones swapped
+    (what a modulus-11 check digit catches, and what typing a number wrong mostly does)."""
+    if len(a) != len(b) or a == b:
+        return False
+    diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    if len(diffs) == 1:
+        return True
+    return (
+        len(diffs) == 2
+        and diffs[1] == diffs[0] + 1
+        and a[diffs[0]] == b[diffs[1]]
+        and a[diffs[1]] == b[diffs[0]]
+    )
+
+
 def compare_birth_date(a: Demographics, b: Demographics) -> Level:
     if a.birth_year is None or b.birth_year is None:
         return Level.MISSING
@@ -119,7 +145,7 @@ def compare_birth_date(a: Demographics, b: Demographics) -> Level:
         return Level.EXACT
     if da.year == db.year and da.day == db.month and da.month == db.day:
         return Level.DAY_MONTH_SWAPPED
-    if jellyfish.damerau_levenshtein_distance(da.strftime("%Y%m%d"), db.strftime("%Y%m%d")) == 1:
+    if one_edit(da.strftime("%Y%m%d"), db.strftime("%Y%m%d")):
         return Level.ONE_DIGIT
     if da.year == db.year:
         return Level.SAME_YEAR
@@ -133,13 +159,86 @@ def compare_gender(a: Demographics, b: Demographics) -> Level:
 
 
 def compare_postcode(a: Demographics, b: Demographics) -> Level:
+    """Same postcode; one keying error apart; same UK district (outward code); else none."""
     if not a.postcodes or not b.postcodes:
         return Level.MISSING
-    if set(a.postcodes) & set(b.postcodes):
+    if not set(a.postcodes).isdisjoint(b.postcodes):
         return Level.EXACT
+    if any(one_edit(x, y) for x in a.postcodes for y in b.postcodes):
+        return Level.ONE_DIGIT
     districts_a = {d for p in a.postcodes if (d := postcode_district(p))}
     districts_b = {d for p in b.postcodes if (d := postcode_district(p))}
     return Level.DISTRICT if districts_a & districts_b else Level.DISAGREE
+
+
+def _compare_line(x: str, y: str) -> Level:
+    if x == y or compact(x) == compact(y):
+        return Level.EXACT
+    nx, sx = split_house_number(x)
+    ny, sy = split_house_number(y)
+    street = jaro_winkler(sx, sy)
+    if nx == ny:
+        # The same house number on a street spelt a little differently.
+        return Level.FUZZY_HIGH if street >= JW_LOW else Level.DISAGREE
+    if street >= JW_HIGH and nx and ny:
+        # The same street, another number: a typo in the number, or a neighbour.
+        return Level.PARTIAL
+    return Level.DISAGREE
+
+
+_LINE_ORDER = (Level.EXACT, Level.FUZZY_HIGH, Level.PARTIAL, Level.DISAGREE)
+
+
+def compare_lines(a: Demographics, b: Demographics) -> Level:
+    """The best agreement between any current address line of one and of the other:
+    exact, same number on a street spelt a little differently (fuzzy-high), same street
+    with another number (partial), disagree; missing when a side has no line."""
+    if not a.addresses or not b.addresses:
+        return Level.MISSING
+    best = Level.DISAGREE
+    for x in a.addresses:
+        for y in b.addresses:
+            level = _compare_line(x, y)
+            if _LINE_ORDER.index(level) < _LINE_ORDER.index(best):
+                best = level
+                if best is Level.EXACT:
+                    return best
+    return best
+
+
+def compare_address(a: Demographics, b: Demographics) -> Level:
+    """Where the two live, the first address line and the postcode taken together.
+
+    They are one fact, not two: counted separately, the same home (or a move) would count
+    twice, and a household's members would look like one person twice over. Levels:
+
+    - exact: the same line (or the same number on a street spelt a little differently), and
+      the same postcode (or one keying error apart, or no postcode to compare);
+    - same-line: the same line under another postcode;
+    - partial: the same street with another house number, the postcode not against it;
+    - same-postcode: the same postcode, the lines not the same;
+    - one-digit: postcodes one keying error apart, the lines not the same;
+    - district: the same UK postcode district only;
+    - disagree; missing when neither part can be compared.
+    """
+    line = compare_lines(a, b)
+    postcode = compare_postcode(a, b)
+    same_postcode = postcode in (Level.EXACT, Level.ONE_DIGIT)
+    if line in (Level.EXACT, Level.FUZZY_HIGH):
+        if same_postcode or postcode is Level.MISSING:
+            return Level.EXACT
+        return Level.SAME_LINE
+    if line is Level.PARTIAL and (same_postcode or postcode is Level.MISSING):
+        return Level.PARTIAL
+    if postcode is Level.EXACT:
+        return Level.SAME_POSTCODE
+    if postcode is Level.ONE_DIGIT:
+        return Level.ONE_DIGIT  # short postcodes one keying error apart happen by chance
+    if postcode is Level.DISTRICT:
+        return Level.DISTRICT
+    if line is Level.MISSING and postcode is Level.MISSING:
+        return Level.MISSING
+    return Level.DISAGREE
 
 
 def compare_phone(a: Demographics, b: Demographics) -> Level:
@@ -149,14 +248,31 @@ def compare_phone(a: Demographics, b: Demographics) -> Level:
 
 
 def compare_identifiers(a: Demographics, b: Demographics) -> Level:
-    """Untrusted identifiers only count within one system: equal → exact, all differ → disagree."""
-    if not a.identifiers or not b.identifiers:
+    """Identifiers count only within one system: a shared value → exact; one keying error
+    apart → one-digit; values on both sides that all differ → disagree; else missing.
+
+    Untrusted identifiers (a hospital number, an NHS number that fails its check digit) are
+    compared with each other and with the other side's trusted ones: an NHS number typed
+    with one digit wrong is not trusted, but it is strong evidence. Two different *trusted*
+    values never get here (the matcher keeps such persons apart).
+    """
+    if not a.identifiers and not b.identifiers:
         return Level.MISSING
-    if set(a.identifiers) & set(b.identifiers):
+    # Pairs of values in one system, at least one of them untrusted.
+    pairs = [
+        (x.value, y.value)
+        for xs, ys in ((a.identifiers, (*b.identifiers, *b.trusted)), (a.trusted, b.identifiers))
+        for x in xs
+        for y in ys
+        if x.system and x.system == y.system
+    ]
+    if not pairs:
+        return Level.MISSING
+    if any(x == y for x, y in pairs):
         return Level.EXACT
-    systems_a = {i.system for i in a.identifiers if i.system}
-    systems_b = {i.system for i in b.identifiers if i.system}
-    return Level.DISAGREE if systems_a & systems_b else Level.MISSING
+    if any(len(x) >= MIN_KEYED_LENGTH and one_edit(x, y) for x, y in pairs):
+        return Level.ONE_DIGIT
+    return Level.DISAGREE
 
 
 _DISAGREEING = frozenset({Level.DISAGREE, Level.FUZZY_LOW, Level.PHONETIC, Level.PARTIAL})
@@ -169,7 +285,7 @@ def compare(a: Demographics, b: Demographics) -> dict[Field, Level]:
         Field.GIVEN: compare_given(a, b),
         Field.BIRTH_DATE: compare_birth_date(a, b),
         Field.GENDER: compare_gender(a, b),
-        Field.POSTCODE: compare_postcode(a, b),
+        Field.ADDRESS: compare_address(a, b),  # line and postcode together
         Field.PHONE: compare_phone(a, b),
         Field.IDENTIFIER: compare_identifiers(a, b),
     }

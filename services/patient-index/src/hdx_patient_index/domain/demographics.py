@@ -11,6 +11,7 @@ from typing import Any
 from hdx_patient_index.domain.identifiers import PERSON_SYSTEM, Identifier, TrustedSystems
 from hdx_patient_index.domain.normalise import (
     name_tokens,
+    normalise_address_line,
     normalise_name,
     normalise_phone,
     normalise_postcode,
@@ -32,6 +33,7 @@ class Demographics:
     birth_year: int | None = None  # set whenever birth_date is, or alone for a partial date
     gender: str | None = None
     postcodes: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # first lines of current addresses ('12 station rd')
     phones: tuple[str, ...] = ()
     trusted: tuple[Identifier, ...] = ()  # valid identifiers of trusted systems
     identifiers: tuple[Identifier, ...] = ()  # every other identifier
@@ -63,6 +65,8 @@ class Demographics:
             doc["gender"] = self.gender
         if self.postcodes:
             doc["postcodes"] = list(self.postcodes)
+        if self.addresses:
+            doc["addresses"] = list(self.addresses)
         if self.phones:
             doc["phones"] = list(self.phones)
         if self.trusted:
@@ -82,6 +86,7 @@ class Demographics:
             birth_year=birth.year if birth else doc.get("birth_year"),
             gender=doc.get("gender"),
             postcodes=tuple(doc.get("postcodes", ())),
+            addresses=tuple(doc.get("addresses", ())),
             phones=tuple(doc.get("phones", ())),
             trusted=tuple(Identifier.parse_token(t) for t in doc.get("trusted", ())),
             identifiers=tuple(Identifier.parse_token(t) for t in doc.get("identifiers", ())),
@@ -174,6 +179,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
     birth, year = parse_birth_date(patient.get("birthDate"))
     gender = patient.get("gender")
     postcodes: dict[str, None] = {}
+    lines: dict[str, None] = {}
     for a in _dicts(patient.get("address")):
         if a.get("use") == "old" or _ended(a):
             continue
@@ -181,6 +187,10 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         pc = normalise_postcode(raw_pc) if isinstance(raw_pc, str) else None
         if pc:
             postcodes[pc] = None
+        first = next(iter(_strs(a.get("line"))), None)
+        line = normalise_address_line(first)
+        if line:
+            lines[line] = None
     phones: dict[str, None] = {}
     for t in _dicts(patient.get("telecom")):
         raw_phone = t.get("value")
@@ -197,6 +207,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         birth_year=year,
         gender=gender if gender in _GENDERS else None,
         postcodes=tuple(postcodes),
+        addresses=tuple(lines),
         phones=tuple(phones),
         trusted=good,
         identifiers=other,

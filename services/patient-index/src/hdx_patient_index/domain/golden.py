@@ -4,6 +4,13 @@ Survivorship is simple and explainable: the demographics (name, gender, birth da
 telecom, deceased) come from the most recently updated source record; identifiers are the
 union of all records' (trusted ones first, normalised), led by the person identifier; each
 source record appears as a ``link`` (type seealso) identified by source and local id.
+
+After a merge the survivor keeps its id and the same rules run over the union of both
+persons' records: the most recently updated record's demographics win whichever person it
+came from, every identifier of both is kept, and a ``link`` of type ``replaces`` names each
+person merged into it. The merged person keeps a tombstone: ``active: false``, its own id
+and one ``link`` of type ``replaced-by`` to the survivor. An unmerge rebuilds both from
+their own records again.
 """
 
 from __future__ import annotations
@@ -53,10 +60,33 @@ class LinkedRecord:
     snapshot: Mapping[str, Any]
 
 
+def tombstone(person_id: str, replaced_by: str) -> dict[str, Any]:
+    """A merged person: inactive, pointing at the person it was merged into."""
+    return {
+        "resourceType": "Patient",
+        "id": person_id,
+        "identifier": [person_identifier(person_id)],
+        "active": False,
+        "link": [
+            {
+                "other": {
+                    "reference": f"Patient/{replaced_by}",
+                    "identifier": person_identifier(replaced_by),
+                },
+                "type": "replaced-by",
+            }
+        ],
+    }
+
+
 def golden_patient(
-    person_id: str, records: Sequence[LinkedRecord], trusted: TrustedSystems
+    person_id: str,
+    records: Sequence[LinkedRecord],
+    trusted: TrustedSystems,
+    replaces: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The person as one FHIR Patient (without ``meta``)."""
+    """The person as one FHIR Patient (without ``meta``); ``replaces``: persons merged
+    into it."""
     patient: dict[str, Any] = {"resourceType": "Patient", "id": person_id}
     seen: set[Identifier] = set()
     trusted_ids: list[dict[str, Any]] = []
@@ -91,4 +121,12 @@ def golden_patient(
             }
             for r in sorted(records, key=lambda r: (r.source, r.local_id))
         ]
+    if replaces:
+        patient["link"] = [
+            {
+                "other": {"reference": f"Patient/{p}", "identifier": person_identifier(p)},
+                "type": "replaces",
+            }
+            for p in sorted(replaces)
+        ] + patient.get("link", [])
     return patient

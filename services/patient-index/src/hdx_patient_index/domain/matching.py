@@ -7,6 +7,20 @@
    candidate person; a person's weight is its best record's.
 3. Thresholds: weight ≥ upper → link ("probable"); lower ≤ weight < upper → a new person,
    with the candidate recorded for review ("possible"); below lower → a new person.
+4. Hard negatives are never linked automatically, whatever the weight (`hold`): the fields
+   are not independent within a family, so a household's shared surname, address and phone
+   can outweigh the one field that tells its members apart. Twins (same family name and
+   birth date, given names that differ by more than one typo), parent and child of the
+   same name (birth years `GENERATION_YEARS` or more apart) go to review at most — unless
+   an identifier of one system agrees, which family members never share. More generally a link needs the
+   *person* to agree, not just the household: at least one of the given name and the birth
+   date must agree (exact, nickname, typo; or exact, swapped, one digit). Twins and
+   generations are checked against every record of a candidate person, not only its best:
+   one contradiction is enough to hold the link. And a link needs a clear winner: when two
+   persons both score above the upper threshold within `ambiguity_margin` of each other
+   (a father and son of the same name, one record without a birth date), neither is
+   linked; both go to review.
+   `MatchConfig.hard_negatives=False` turns the rule off (to measure what it costs).
 
 Grades follow FHIR's match-grade extension (certain | probable | possible | certainly-not).
 """
@@ -15,8 +29,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+import jellyfish
 
 from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
@@ -38,9 +54,23 @@ class ReviewReason(StrEnum):
     ANOTHER_PERSON = "matches-another-person"  # an update now matches a different person
 
 
+class Hold(StrEnum):
+    """Why a pair above the upper threshold is only offered for review."""
+
+    TWIN = "twin"  # same family name and birth date, given names that differ outright
+    GENERATION = "generation"  # same family and given name, birth dates far apart
+    HOUSEHOLD = "household"  # neither the given name nor the birth date agrees
+    AMBIGUOUS = "ambiguous"  # another person scores within the margin: no clear winner
+
+
 class Basis(StrEnum):
     TRUSTED_ID = "trusted-id"
     DEMOGRAPHICS = "demographics"
+
+
+LINK_PROBABILITY = 0.99
+AMBIGUITY_MARGIN = math.log2(99)  # the best person 99 times likelier than the next
+REVIEW_PROBABILITY = 0.01
 
 
 @dataclass(frozen=True)
@@ -52,16 +82,43 @@ class MatchConfig:
     postcode brings it to about 39. ``prior_log2_odds`` turns a weight into a probability
     for ``$match`` scores: -24 ≈ one in 16 million, the chance that two records picked at
     random from a national population are the same person.
+
+    The defaults follow one rule, `for_population`: link when the posterior probability of
+    a match is at least 99 % (weight ≥ −prior + log2 99 ≈ 30.6), review from 1 % (≈ 17.4).
     """
 
     upper: float = 30.0
     lower: float = 18.0
     prior_log2_odds: float = -24.0
     weights: MatchWeights = field(default=DEFAULT_WEIGHTS)
+    hard_negatives: bool = True  # hold twins and parent/child pairs for review (`hold`)
+    # A probable link needs a clear winner: another person this close (log2) holds both.
+    ambiguity_margin: float = AMBIGUITY_MARGIN
 
     def __post_init__(self) -> None:
         if self.lower > self.upper:
             raise ValueError(f"lower threshold {self.lower} is above upper {self.upper}")
+
+    @classmethod
+    def for_population(
+        cls,
+        persons: int,
+        weights: MatchWeights = DEFAULT_WEIGHTS,
+        link_probability: float = LINK_PROBABILITY,
+        review_probability: float = REVIEW_PROBABILITY,
+        hard_negatives: bool = True,
+    ) -> MatchConfig:
+        """Thresholds for an index of about ``persons`` people: the prior odds that a record
+        is one given person are 1 : persons; link at ``link_probability`` posterior, review
+        from ``review_probability``. No labels are involved: only the population's size."""
+        prior = -math.log2(max(persons, 2))
+        return cls(
+            upper=-prior + math.log2(link_probability / (1 - link_probability)),
+            lower=-prior + math.log2(review_probability / (1 - review_probability)),
+            prior_log2_odds=prior,
+            weights=weights,
+            hard_negatives=hard_negatives,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +129,7 @@ class Candidate:
     probability: float
     basis: Basis
     levels: Mapping[Field, Level] = field(default_factory=dict)  # the best record's levels
+    hold: Hold | None = None  # why a weight above the upper threshold is not a link
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +157,54 @@ class Decision:
         return bool(self.review)
 
 
+_FAMILY_AGREES = frozenset(
+    {Level.EXACT, Level.FUZZY_HIGH, Level.PHONETIC, Level.PARTIAL, Level.FUZZY_LOW}
+)
+_GIVEN_AGREES = frozenset(
+    {Level.EXACT, Level.NICKNAME, Level.FUZZY_HIGH, Level.PHONETIC, Level.TRANSPOSED}
+)
+_GIVEN_DIFFERS = frozenset({Level.DISAGREE, Level.FUZZY_LOW})
+_BORN_TOGETHER = frozenset({Level.EXACT, Level.DAY_MONTH_SWAPPED, Level.ONE_DIGIT})
+_IDENTIFIER_AGREES = frozenset({Level.EXACT, Level.ONE_DIGIT})
+
+
+# Birth years at least this far apart are a generation (parent and child), not a typo.
+GENERATION_YEARS = 12
+
+
+def _one_typo(a: Demographics, b: Demographics) -> bool:
+    """First given names one insertion, deletion, substitution or swap apart."""
+    ga, gb = a.first_given, b.first_given
+    return bool(ga and gb and jellyfish.damerau_levenshtein_distance(ga, gb) <= 1)
+
+
+def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hold | None:
+    """The hard-negative rule a pair falls under, if any (see the module doc, step 4)."""
+    if levels.get(Field.IDENTIFIER) in _IDENTIFIER_AGREES:
+        return None
+    born = levels.get(Field.BIRTH_DATE)
+    given = levels.get(Field.GIVEN)
+    given_agrees = given in _GIVEN_AGREES or (given in _GIVEN_DIFFERS and _one_typo(a, b))
+    born_agrees = born in _BORN_TOGETHER
+    if born_agrees and given in _GIVEN_DIFFERS and not given_agrees:
+        return Hold.TWIN
+    if (
+        given_agrees
+        and born is Level.DISAGREE
+        and a.birth_year is not None
+        and b.birth_year is not None
+        and abs(a.birth_year - b.birth_year) >= GENERATION_YEARS
+    ):
+        return Hold.GENERATION
+    if not given_agrees and not born_agrees:
+        return Hold.HOUSEHOLD
+    return None
+
+
+# The holds that any record of a person (not only its best) imposes: a contradiction.
+_CONTRADICTIONS = frozenset({Hold.TWIN, Hold.GENERATION})
+
+
 def trusted_conflict(record: Mapping[str, set[str]], person: Mapping[str, set[str]]) -> bool:
     """True when some trusted system has values on both sides and they share none."""
     return any(values.isdisjoint(person[s]) for s, values in record.items() if s in person)
@@ -110,7 +216,7 @@ class Matcher:
 
     def weigh(self, a: Demographics, b: Demographics) -> tuple[float, dict[Field, Level]]:
         levels = compare(a, b)
-        return self.config.weights.total(levels), levels
+        return self.config.weights.score(a, levels), levels
 
     def probability(self, weight: float) -> float:
         """The posterior probability of a match, from the weight and the prior odds."""
@@ -136,19 +242,31 @@ class Matcher:
     ) -> Candidate | None:
         """The person's best-scoring record against ``d`` (None if it has no other record)."""
         best: tuple[float, dict[Field, Level]] | None = None
+        best_record: Demographics | None = None
+        contradiction: Hold | None = None
+        check = basis is Basis.DEMOGRAPHICS and self.config.hard_negatives
         for rec in index.records_of(person_id):
             if rec.key == exclude:
                 continue
             scored = self.weigh(d, rec.demographics)
             if best is None or scored[0] > best[0]:
-                best = scored
-        if best is None:
+                best, best_record = scored, rec.demographics
+            if check and contradiction is None:
+                h = hold(d, rec.demographics, scored[1])
+                if h in _CONTRADICTIONS:
+                    contradiction = h
+        if best is None or best_record is None:
             return None
         weight, levels = best
         if basis is Basis.TRUSTED_ID:
             return Candidate(person_id, Grade.CERTAIN, weight, 1.0, basis, levels)
         grade = self.grade_of(weight) or Grade.CERTAINLY_NOT
-        return Candidate(person_id, grade, weight, self.probability(weight), basis, levels)
+        held = None
+        if grade is Grade.PROBABLE and check:
+            held = hold(d, best_record, levels) or contradiction
+        if held is not None:
+            grade = Grade.POSSIBLE
+        return Candidate(person_id, grade, weight, self.probability(weight), basis, levels, held)
 
     def search(
         self, d: Demographics, index: PersonIndex, exclude: RecordKey | None = None
@@ -182,7 +300,25 @@ class Matcher:
                 probabilistic.append(c)
         certain.sort(key=lambda c: (-c.weight, c.person_id))
         probabilistic.sort(key=lambda c: (-c.weight, c.person_id))
-        return certain + probabilistic, conflicted
+        return certain + self._clear_winner(probabilistic), conflicted
+
+    def _clear_winner(self, ranked: list[Candidate]) -> list[Candidate]:
+        """Probable candidates within ``ambiguity_margin`` of the best are all held back to
+        possible when there is more than one: a link needs a clear winner."""
+        probable = [c for c in ranked if c.grade is Grade.PROBABLE]
+        if len(probable) < 2 or not self.config.hard_negatives:
+            return ranked
+        close = {
+            c.person_id
+            for c in probable
+            if c.weight >= probable[0].weight - self.config.ambiguity_margin
+        }
+        if len(close) < 2:
+            return ranked
+        return [
+            replace(c, grade=Grade.POSSIBLE, hold=Hold.AMBIGUOUS) if c.person_id in close else c
+            for c in ranked
+        ]
 
     def decide(
         self, d: Demographics, index: PersonIndex, exclude: RecordKey | None = None

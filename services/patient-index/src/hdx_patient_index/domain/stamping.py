@@ -63,3 +63,16 @@ def find_patient_reference(
 def stamp_reference(reference: dict[str, Any], person_id: str) -> None:
     """Add the person identifier to a patient Reference; its literal reference stays."""
     reference["identifier"] = person_identifier(person_id)
+
+
+def stamp(resource: dict[str, Any], local_id: str, person_id: str) -> bool:
+    """Stamp the person on a Patient (its identifier) or on a resource's reference to the
+    Patient ``local_id``; False if the resource has no such reference."""
+    if resource.get("resourceType") == "Patient":
+        stamp_patient(resource, person_id)
+        return True
+    ref = find_patient_reference(resource, local_id)
+    if ref is None:
+        return False
+    stamp_reference(ref, person_id)
+    return True

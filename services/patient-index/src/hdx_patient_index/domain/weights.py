@@ -9,19 +9,23 @@ independent given match status — the usual Fellegi–Sunter assumption). MISSI
 
 The priors below are hand-set from what is published about UK patient registers (names from
 an English population, NHS-style birth dates and postcodes) and are deliberately round. Each
-field's m values and u values sum to about 1 over its levels. The seam for learning them from
-the data is `WeightEstimator`: an expectation–maximisation implementation returns the same
-shape of table and `MatchWeights.from_probabilities` turns it into weights.
+field's m values and u values sum to about 1 over its levels. They are what HDX runs on until
+a model is estimated from the data: `WeightEstimator` is the seam, `domain/em.py` the
+expectation–maximisation implementation (u from random pairs, m by EM over the blocked
+pairs, these priors as Dirichlet pseudo-counts), and `MatchWeights.from_probabilities` turns
+its table into weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from hdx_patient_index.domain.comparators import Field, Level
+from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.normalise import compact
 
 ProbabilityTable = Mapping[Field, Mapping[Level, tuple[float, float]]]
 
@@ -62,11 +66,17 @@ PRIOR_PROBABILITIES: ProbabilityTable = {
         L.EXACT: (0.98, 0.5),
         L.DISAGREE: (0.02, 0.5),
     },
-    # A full postcode is ~15 households; people move, so m is well under 1.
-    F.POSTCODE: {
-        L.EXACT: (0.70, 0.0005),
-        L.DISTRICT: (0.10, 0.01),
-        L.DISAGREE: (0.20, 0.9895),
+    # Where they live: the first address line and the postcode as one comparison (a home is
+    # one fact). A household shares it; people move, so m(exact) is well under 1. A full
+    # postcode is ~15 households, a district some thousands.
+    F.ADDRESS: {
+        L.EXACT: (0.65, 0.0002),
+        L.SAME_LINE: (0.02, 0.00005),
+        L.PARTIAL: (0.02, 0.0003),
+        L.SAME_POSTCODE: (0.09, 0.0008),
+        L.ONE_DIGIT: (0.01, 0.001),
+        L.DISTRICT: (0.06, 0.01),
+        L.DISAGREE: (0.15, 0.98795),
     },
     # A phone line is shared by a household; numbers change often.
     F.PHONE: {
@@ -74,28 +84,77 @@ PRIOR_PROBABILITIES: ProbabilityTable = {
         L.DISAGREE: (0.45, 0.9998),
     },
     # The same value in the same (untrusted) system: strong, but registrations get duplicated.
+    # One keying error apart (a digit typed wrong, two swapped) is nearly as strong.
     F.IDENTIFIER: {
-        L.EXACT: (0.90, 0.00001),
-        L.DISAGREE: (0.10, 0.99999),
+        L.EXACT: (0.85, 0.00001),
+        L.ONE_DIGIT: (0.05, 0.00005),
+        L.DISAGREE: (0.10, 0.99994),
     },
 }
 
 
 @dataclass(frozen=True)
+class TermFrequencies:
+    """How common each value of a name field is, so that agreeing on "smith" counts for
+    less than agreeing on "lovelace" (a term-frequency adjustment).
+
+    For an exact agreement on value v the weight is log2(m_exact / u_v), u_v being the share
+    of records holding v (the chance a record picked at random agrees with it); a value not
+    in the table gets ``floor``. ``u_v`` never goes below ``floor``: one data set's unique
+    names say little about how unique they are in the population.
+    """
+
+    m_exact: float
+    shares: Mapping[str, float]
+    floor: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.m_exact <= 1 and 0 < self.floor <= 1):
+            raise ValueError("m_exact and floor must be in (0, 1]")
+
+    def weight(self, value: str) -> float:
+        return math.log2(self.m_exact / max(self.shares.get(value, self.floor), self.floor))
+
+
+def _family_value(d: Demographics) -> str | None:
+    return compact(d.family) if d.family else None
+
+
+def _given_value(d: Demographics) -> str | None:
+    return d.first_given
+
+
+# The value whose frequency an exact agreement on a field is weighed by.
+TERM_VALUES: Mapping[Field, Callable[[Demographics], str | None]] = {
+    Field.FAMILY: _family_value,
+    Field.GIVEN: _given_value,
+}
+
+
+@dataclass(frozen=True)
 class MatchWeights:
-    """log2(m/u) per field and level; a level a table leaves out weighs as DISAGREE."""
+    """log2(m/u) per field and level; a level a table leaves out weighs as DISAGREE.
+
+    ``term_frequencies`` (optional, per field in TERM_VALUES) replace the EXACT weight of
+    that field by the value's own weight.
+    """
 
     table: Mapping[Field, Mapping[Level, float]]
+    term_frequencies: Mapping[Field, TermFrequencies] = field(default_factory=dict)
 
     @classmethod
-    def from_probabilities(cls, probabilities: ProbabilityTable) -> MatchWeights:
+    def from_probabilities(
+        cls,
+        probabilities: ProbabilityTable,
+        term_frequencies: Mapping[Field, TermFrequencies] | None = None,
+    ) -> MatchWeights:
         table: dict[Field, dict[Level, float]] = {}
-        for field, levels in probabilities.items():
+        for f, levels in probabilities.items():
             for level, (m, u) in levels.items():
                 if not (0 < m <= 1 and 0 < u <= 1):
-                    raise ValueError(f"{field}/{level}: m and u must be in (0, 1]")
-                table.setdefault(field, {})[level] = math.log2(m / u)
-        return cls(table)
+                    raise ValueError(f"{f}/{level}: m and u must be in (0, 1]")
+                table.setdefault(f, {})[level] = math.log2(m / u)
+        return cls(table, dict(term_frequencies or {}))
 
     def weight(self, field: Field, level: Level) -> float:
         if level is Level.MISSING:
@@ -108,14 +167,23 @@ class MatchWeights:
     def total(self, levels: Mapping[Field, Level]) -> float:
         return sum(self.weight(f, lv) for f, lv in levels.items())
 
+    def score(self, a: Demographics, levels: Mapping[Field, Level]) -> float:
+        """The pair's weight: ``total`` with exact name agreements weighed by how common
+        the name is (``a`` is either record: on EXACT both hold the same value)."""
+        total = self.total(levels)
+        for f, tf in self.term_frequencies.items():
+            if levels.get(f) is Level.EXACT and (value := TERM_VALUES[f](a)) is not None:
+                total += tf.weight(value) - self.weight(f, Level.EXACT)
+        return total
+
 
 DEFAULT_WEIGHTS = MatchWeights.from_probabilities(PRIOR_PROBABILITIES)
 
 
 class WeightEstimator(Protocol):
     """Learns m and u from the comparison vectors of candidate pairs (the blocked pairs the
-    index produces), e.g. by expectation–maximisation. Not implemented yet: HDX runs on the
-    priors above; an estimator's output is a drop-in `ProbabilityTable`."""
+    index produces). ``domain/em.py`` implements it by expectation–maximisation; its output
+    is a drop-in `ProbabilityTable` for `MatchWeights.from_probabilities`."""
 
     def estimate(
         self, comparisons: Iterable[Mapping[Field, Level]], start: ProbabilityTable

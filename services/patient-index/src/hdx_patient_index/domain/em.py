@@ -1,0 +1,402 @@
+"""Estimating the Fellegi–Sunter m and u probabilities from the data, never from labels.
+
+A `MatchModel` is what the matcher's weights are made from; it is estimated from a set of
+records (demographics) and nothing else:
+
+- **u** — how often each level happens by chance — from pairs of records drawn at random
+  (seeded): nearly all random pairs are different people, so their levels are the u
+  distribution (the approach Splink takes; true matches among them are ~1 in 10,000).
+- **m** — how often true matches look like this — and λ, the share of matches among the
+  pairs compared, by expectation–maximisation with u held at its random-pair estimate
+  (`ExpectationMaximisation`, the `WeightEstimator` seam of weights.py; it can also
+  re-estimate u). EM runs in *sessions*, one per kind of blocking key (as Splink does):
+  the pairs that share a birth date, then the pairs whose names sound the same. A
+  session's pairs all agree on the fields its key is made of, so those fields are left out
+  of it (their levels say nothing there, and random-pair u would misfit them); every field
+  is estimated by at least one session, and a field estimated by both gets the mean. The
+  union of all the index's keys is *not* a good EM sample: pairs brought together by a
+  shared postcode are mostly neighbours that agree on the address fields, which the
+  random-pair u cannot explain, and EM then calls every pair a match.
+- **priors** — `PRIOR_PROBABILITIES` (weights.py) enter both as Dirichlet pseudo-counts:
+  ``m_prior_pairs`` pseudo-matches and ``u_prior_pairs`` pseudo-non-matches spread over
+  the levels in the priors' proportions. They keep a level that the data never shows away
+  from probability 0 (an infinite weight) and pull thinly observed levels towards
+  published rates; with thousands of pairs the data dominate.
+- **term frequencies** — the share of records holding each family and given name, so that
+  agreeing on a common name weighs less (`TermFrequencies`).
+
+Levels a field's priors do not list count as DISAGREE (as `MatchWeights` weighs them), and
+MISSING is no evidence either way: it is left out of both the E and the M step.
+
+The model is a plain dataclass that round-trips through JSON (`to_json`/`from_json`,
+`dumps`/`loads`), so a decision can be reproduced from the model file it was made with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from hdx_patient_index.domain.blocking import index_keys
+from hdx_patient_index.domain.comparators import Field, Level, compare
+from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.weights import (
+    PRIOR_PROBABILITIES,
+    TERM_VALUES,
+    MatchWeights,
+    ProbabilityTable,
+    TermFrequencies,
+)
+
+MODEL_VERSION = 1
+
+# Defaults, documented in the module docstring.
+M_PRIOR_PAIRS = 100.0  # pseudo-matches behind the m priors
+U_PRIOR_PAIRS = 1_000.0  # pseudo-non-matches behind the u priors
+RANDOM_PAIRS = 100_000  # random pairs for u
+MAX_BLOCKED_PAIRS = 200_000  # blocked pairs for EM (a seeded sample beyond that)
+MAX_BLOCK = 1_000  # blocks bigger than this are left out of the EM pairs
+TF_MIN_SHARE = 1e-5  # a name is never taken to be rarer than 1 in 100,000
+START_MATCH_PROPORTION = 0.1
+
+# EM sessions: (the blocking-key prefix whose pairs are used, the fields it conditions on).
+SESSIONS: tuple[tuple[str, frozenset[Field]], ...] = (
+    ("d:", frozenset({Field.BIRTH_DATE})),
+    ("n:", frozenset({Field.FAMILY, Field.GIVEN})),
+)
+
+LevelCounts = dict[Field, dict[Level, float]]
+
+
+def _canonical(levels: Mapping[Field, Level], table: ProbabilityTable) -> tuple[Level, ...]:
+    """A comparison vector over the table's fields, with unlisted levels as DISAGREE."""
+    out: list[Level] = []
+    for f, known in table.items():
+        level = levels.get(f, Level.MISSING)
+        if level is not Level.MISSING and level not in known:
+            level = Level.DISAGREE
+        out.append(level)
+    return tuple(out)
+
+
+def _smoothed(
+    counts: Mapping[Level, float], prior: Mapping[Level, float], strength: float
+) -> dict[Level, float]:
+    """Posterior mean of a Dirichlet(strength × prior) after ``counts``."""
+    total = sum(counts.values()) + strength
+    prior_total = sum(prior.values())
+    return {
+        level: (counts.get(level, 0.0) + strength * p / prior_total) / total
+        for level, p in prior.items()
+    }
+
+
+@dataclass(frozen=True)
+class EMResult:
+    probabilities: dict[Field, dict[Level, tuple[float, float]]]
+    match_proportion: float
+    iterations: int
+    converged: bool
+    log_likelihood: float
+    pairs: int
+
+
+@dataclass(frozen=True)
+class ExpectationMaximisation:
+    """EM for the two-class Fellegi–Sunter mixture over comparison vectors (a
+    `WeightEstimator`). MAP estimates: ``start`` is also the Dirichlet prior's centre."""
+
+    m_prior_pairs: float = M_PRIOR_PAIRS
+    u_prior_pairs: float = U_PRIOR_PAIRS
+    estimate_u: bool = False  # u held at ``start`` (estimated from random pairs) by default
+    max_iterations: int = 200
+    tolerance: float = 1e-6
+    start_match_proportion: float = START_MATCH_PROPORTION
+
+    def estimate(
+        self, comparisons: Iterable[Mapping[Field, Level]], start: ProbabilityTable
+    ) -> ProbabilityTable:
+        return self.fit(comparisons, start).probabilities
+
+    def fit(
+        self,
+        comparisons: Iterable[Mapping[Field, Level]],
+        start: ProbabilityTable,
+        conditioned: frozenset[Field] = frozenset(),
+    ) -> EMResult:
+        """EM from ``start``; fields in ``conditioned`` are left out (and keep ``start``)."""
+        fields = [f for f in start if f not in conditioned]
+        used = {f: start[f] for f in fields}
+        patterns = Counter(_canonical(c, used) for c in comparisons)
+        n_pairs = sum(patterns.values())
+        m = {f: {lv: p[0] for lv, p in start[f].items()} for f in fields}
+        u = {f: {lv: p[1] for lv, p in start[f].items()} for f in fields}
+        m_prior = {f: dict(m[f]) for f in fields}
+        u_prior = {f: dict(u[f]) for f in fields}
+        lam = self.start_match_proportion
+        items = list(patterns.items())
+        iterations, converged, log_likelihood = 0, False, 0.0
+        for iterations in range(1, self.max_iterations + 1):  # noqa: B007
+            m_counts: LevelCounts = {f: {} for f in fields}
+            u_counts: LevelCounts = {f: {} for f in fields}
+            matched = 0.0
+            log_likelihood = 0.0
+            for pattern, n in items:
+                log_m = math.log(lam)
+                log_u = math.log(1.0 - lam)
+                for f, level in zip(fields, pattern, strict=True):
+                    if level is not Level.MISSING:
+                        log_m += math.log(m[f][level])
+                        log_u += math.log(u[f][level])
+                top = max(log_m, log_u)
+                log_total = top + math.log(math.exp(log_m - top) + math.exp(log_u - top))
+                g = math.exp(log_m - log_total)
+                log_likelihood += n * log_total
+                matched += n * g
+                for f, level in zip(fields, pattern, strict=True):
+                    if level is not Level.MISSING:
+                        mc, uc = m_counts[f], u_counts[f]
+                        mc[level] = mc.get(level, 0.0) + n * g
+                        uc[level] = uc.get(level, 0.0) + n * (1.0 - g)
+            new_m = {f: _smoothed(m_counts[f], m_prior[f], self.m_prior_pairs) for f in fields}
+            new_u = (
+                {f: _smoothed(u_counts[f], u_prior[f], self.u_prior_pairs) for f in fields}
+                if self.estimate_u
+                else u
+            )
+            new_lam = min(max(matched / n_pairs, 1e-9), 1 - 1e-9) if n_pairs else lam
+            change = max(
+                [abs(new_lam - lam)]
+                + [abs(new_m[f][lv] - m[f][lv]) for f in fields for lv in m[f]]
+                + [abs(new_u[f][lv] - u[f][lv]) for f in fields for lv in u[f]]
+            )
+            m, u, lam = new_m, new_u, new_lam
+            if change < self.tolerance:
+                converged = True
+                break
+        probabilities = {
+            f: {lv: (m[f][lv], u[f][lv]) for lv in m[f]} if f in m else dict(start[f])
+            for f in start
+        }
+        return EMResult(probabilities, lam, iterations, converged, log_likelihood, n_pairs)
+
+
+def estimate_u(
+    comparisons: Iterable[Mapping[Field, Level]],
+    priors: ProbabilityTable = PRIOR_PROBABILITIES,
+    prior_pairs: float = U_PRIOR_PAIRS,
+) -> dict[Field, dict[Level, float]]:
+    """u per field and level from the comparison vectors of random pairs (smoothed)."""
+    counts: LevelCounts = {f: {} for f in priors}
+    for c in comparisons:
+        for f, level in zip(priors, _canonical(c, priors), strict=True):
+            if level is not Level.MISSING:
+                counts[f][level] = counts[f].get(level, 0.0) + 1.0
+    return {
+        f: _smoothed(counts[f], {lv: p[1] for lv, p in priors[f].items()}, prior_pairs)
+        for f in priors
+    }
+
+
+def random_pairs(n_records: int, n_pairs: int, rng: random.Random) -> list[tuple[int, int]]:
+    """Up to ``n_pairs`` distinct unordered pairs of distinct records, drawn at random."""
+    possible = n_records * (n_records - 1) // 2
+    target = min(n_pairs, possible)
+    seen: set[tuple[int, int]] = set()
+    while len(seen) < target:
+        i, j = rng.randrange(n_records), rng.randrange(n_records)
+        if i != j:
+            seen.add((min(i, j), max(i, j)))
+    return sorted(seen)
+
+
+def blocked_pairs(
+    records: Sequence[Demographics],
+    prefix: str,
+    max_pairs: int = MAX_BLOCKED_PAIRS,
+    max_block: int = MAX_BLOCK,
+    rng: random.Random | None = None,
+) -> list[tuple[int, int]]:
+    """The pairs of records that share an index key starting with ``prefix`` (the keys of
+    blocking.py), leaving out blocks bigger than ``max_block``; a seeded sample when there
+    are more than ``max_pairs``."""
+    blocks: dict[str, list[int]] = {}
+    for i, d in enumerate(records):
+        for key in index_keys(d):
+            if key.startswith(prefix):
+                blocks.setdefault(key, []).append(i)
+    pairs: set[tuple[int, int]] = set()
+    for bucket in blocks.values():
+        if 1 < len(bucket) <= max_block:
+            pairs.update(itertools.combinations(bucket, 2))
+    ordered = sorted(pairs)
+    if len(ordered) > max_pairs:
+        ordered = sorted((rng or random.Random(0)).sample(ordered, max_pairs))
+    return ordered
+
+
+def term_frequencies(
+    records: Sequence[Demographics],
+    m_exact: Mapping[Field, float],
+    min_share: float = TF_MIN_SHARE,
+) -> dict[Field, TermFrequencies]:
+    """Each name's share of the records that have one; names seen once get the floor
+    (1/records, but never below ``min_share``)."""
+    out: dict[Field, TermFrequencies] = {}
+    for f, value_of in TERM_VALUES.items():
+        counts = Counter(v for d in records if (v := value_of(d)) is not None)
+        total = sum(counts.values())
+        if not total or f not in m_exact:
+            continue
+        floor = max(1.0 / total, min_share)
+        shares = {v: c / total for v, c in counts.items() if c > 1}
+        out[f] = TermFrequencies(m_exact[f], shares, floor)
+    return out
+
+
+@dataclass(frozen=True)
+class MatchModel:
+    """Estimated m and u per field and level, term frequencies, and how they were got."""
+
+    m: Mapping[Field, Mapping[Level, float]]
+    u: Mapping[Field, Mapping[Level, float]]
+    match_proportion: float  # λ: the share of matches among the blocked pairs
+    term_frequencies: Mapping[Field, TermFrequencies] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)  # counts, seed, convergence
+    version: int = MODEL_VERSION
+
+    def probabilities(self) -> dict[Field, dict[Level, tuple[float, float]]]:
+        return {
+            f: {lv: (m, self.u[f][lv]) for lv, m in levels.items()} for f, levels in self.m.items()
+        }
+
+    def weights(self, term_frequencies: bool = True) -> MatchWeights:
+        return MatchWeights.from_probabilities(
+            self.probabilities(), self.term_frequencies if term_frequencies else None
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "match_proportion": self.match_proportion,
+            "m": {str(f): {str(lv): p for lv, p in ls.items()} for f, ls in self.m.items()},
+            "u": {str(f): {str(lv): p for lv, p in ls.items()} for f, ls in self.u.items()},
+            "term_frequencies": {
+                str(f): {"m_exact": tf.m_exact, "floor": tf.floor, "shares": dict(tf.shares)}
+                for f, tf in self.term_frequencies.items()
+            },
+            "training": dict(self.training),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> MatchModel:
+        if doc.get("version") != MODEL_VERSION:
+            raise ValueError(f"unsupported match model version {doc.get('version')!r}")
+
+        def table(key: str) -> dict[Field, dict[Level, float]]:
+            return {
+                Field(f): {Level(lv): float(p) for lv, p in ls.items()}
+                for f, ls in doc[key].items()
+            }
+
+        return cls(
+            m=table("m"),
+            u=table("u"),
+            match_proportion=float(doc["match_proportion"]),
+            term_frequencies={
+                Field(f): TermFrequencies(
+                    float(tf["m_exact"]),
+                    {str(v): float(s) for v, s in tf["shares"].items()},
+                    float(tf["floor"]),
+                )
+                for f, tf in doc.get("term_frequencies", {}).items()
+            },
+            training=dict(doc.get("training", {})),
+        )
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def loads(cls, data: bytes | str) -> MatchModel:
+        return cls.from_json(orjson.loads(data))
+
+
+def estimate_model(
+    records: Sequence[Demographics],
+    *,
+    seed: int = 0,
+    priors: ProbabilityTable = PRIOR_PROBABILITIES,
+    n_random_pairs: int = RANDOM_PAIRS,
+    max_blocked_pairs: int = MAX_BLOCKED_PAIRS,
+    em: ExpectationMaximisation | None = None,
+    sessions: Sequence[tuple[str, frozenset[Field]]] = SESSIONS,
+) -> MatchModel:
+    """A model from these records alone: u from random pairs, m by EM sessions over
+    blocked pairs, term frequencies from name counts (see the module docstring)."""
+    em = em or ExpectationMaximisation()
+    rng = random.Random(seed)
+    rand = random_pairs(len(records), n_random_pairs, rng)
+    u = estimate_u((compare(records[i], records[j]) for i, j in rand), priors, em.u_prior_pairs)
+    start = {f: {lv: (p[0], u[f][lv]) for lv, p in priors[f].items()} for f in priors}
+    m_sum: dict[Field, dict[Level, float]] = {}
+    u_sum: dict[Field, dict[Level, float]] = {}
+    estimated: Counter[Field] = Counter()
+    runs: list[dict[str, Any]] = []
+    for prefix, conditioned in sessions:
+        pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng)
+        result = em.fit((compare(records[i], records[j]) for i, j in pairs), start, conditioned)
+        for f, levels in result.probabilities.items():
+            if f in conditioned:
+                continue
+            estimated[f] += 1
+            for lv, (m_p, u_p) in levels.items():
+                m_sum.setdefault(f, {})[lv] = m_sum.get(f, {}).get(lv, 0.0) + m_p
+                u_sum.setdefault(f, {})[lv] = u_sum.get(f, {}).get(lv, 0.0) + u_p
+        runs.append(
+            {
+                "keys": prefix,
+                "conditioned": sorted(str(f) for f in conditioned),
+                "pairs": result.pairs,
+                "match_proportion": result.match_proportion,
+                "iterations": result.iterations,
+                "converged": result.converged,
+                "log_likelihood": result.log_likelihood,
+            }
+        )
+    m = {
+        f: {lv: m_sum[f][lv] / estimated[f] for lv in levels}
+        if estimated[f]
+        else {lv: p[0] for lv, p in levels.items()}
+        for f, levels in start.items()
+    }
+    u_final = {
+        f: {lv: u_sum[f][lv] / estimated[f] for lv in levels}
+        if estimated[f]
+        else {lv: p[1] for lv, p in levels.items()}
+        for f, levels in start.items()
+    }
+    tf = term_frequencies(records, {f: m[f][Level.EXACT] for f in TERM_VALUES if f in m})
+    weights = [r["match_proportion"] * r["pairs"] for r in runs]
+    return MatchModel(
+        m=m,
+        u=u_final,
+        match_proportion=sum(weights) / max(sum(r["pairs"] for r in runs), 1),
+        term_frequencies=tf,
+        training={
+            "records": len(records),
+            "random_pairs": len(rand),
+            "sessions": runs,
+            "seed": seed,
+            "m_prior_pairs": em.m_prior_pairs,
+            "u_prior_pairs": em.u_prior_pairs,
+            "u_estimated_by_em": em.estimate_u,
+        },
+    )
