@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
+from prometheus_client import Counter, Gauge
 
 from hdx_patient_index.domain.identity import IDENTITY_HEADERS
 from hdx_patient_index.domain.stamping import (
@@ -51,6 +52,16 @@ from hdx_shared.topics import Topics
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
+
+
+MATCHES = Counter(
+    "hdx_patient_index_matches",
+    "Patients linked, by match grade (certain, probable, possible; known-record when the "
+    "source record was linked before) and whether a review task was opened",
+    ["grade", "review"],
+)
+# Read from the database at every park sweep, so every replica reports the same figure.
+PARKED = Gauge("hdx_parked_messages", "Resources parked until their Patient arrives")
 
 
 def _no_patient(resource_type: str) -> FhirError:
@@ -142,7 +153,11 @@ class IdentifyStage:
             )
         ]
         if outcome.link is not None:
+            grade = outcome.link.grade
+            MATCHES.labels(getattr(grade, "value", grade), str(outcome.link.possible_match)).inc()
             out.append(self._link(outcome.link, env))
+        else:
+            MATCHES.labels("known-record", "False").inc()
         out.extend(self._released(work, p, outcome.person) for p in outcome.released)
         return out
 
@@ -207,6 +222,7 @@ class IdentifyStage:
             log.info("dead-lettered %d parked resources: patient unknown", len(expired))
         cutoff = self.service.clock() - timeout_ms
         await asyncio.to_thread(self.service.drop_parked, expired, cutoff)
+        PARKED.set(await asyncio.to_thread(self.service.store.count_parked))
         return len(expired)
 
     def _expired(self, p: ParkedMessage, timeout_ms: int) -> Outgoing:

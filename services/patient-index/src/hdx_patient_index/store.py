@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import delete
+from sqlalchemy import delete, func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -204,6 +204,17 @@ class PatientIndexStore:
                     .order_by(col(ParkedRow.id))
                     .limit(limit)
                 )
+            )
+
+    def count_parked(self) -> int:
+        """Resources waiting for their Patient (parked, not released)."""
+        with self.reading() as s:
+            return int(
+                s.exec(
+                    select(func.count())
+                    .select_from(ParkedRow)
+                    .where(col(ParkedRow.released_ms).is_(None))
+                ).one()
             )
 
     def delete_parked(self, ids: Sequence[int]) -> None:
