@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench-consent clean
+.PHONY: help install run test test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,23 @@ lint: install ## ruff, mypy (strict) and the architecture contracts (import-lint
 format: install ## Format the code with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+BENCH_ARGS ?=
+
+bench: install ## End-to-end benchmark: 3 services, 50k messages, p99 at 1,000/s, vs a bare relay → bench/results/
+	$(BIN)/python bench/exchange_bench.py $(BENCH_ARGS)
+
+bench-postgres: install ## The end-to-end benchmark with PostgreSQL at 127.0.0.1:5432 (a fresh database per service)
+	$(BIN)/python bench/exchange_bench.py --postgres $(BENCH_ARGS)
+
+bench-smoke: install ## A quick end-to-end benchmark (3,000 messages, 5 s at 1,000/s) to check it runs
+	$(BIN)/python bench/exchange_bench.py --messages 3000 --rate-seconds 5 --light-seconds 5 \
+		--name exchange-smoke $(BENCH_ARGS)
+
+bench-profile: install ## py-spy the three services through a 10,000-message run, summarised (bench/results/profiles/)
+	$(BIN)/python bench/exchange_bench.py --messages 10000 --rate-seconds 5 --light-seconds 5 \
+		--skip-ceiling --profile exchange,patient-index,consent $(BENCH_ARGS)
+	$(BIN)/python bench/profile_summary.py $$(ls -t bench/results/profiles/*.txt | head -3)
 
 bench-consent: install ## Benchmark consent decisions (100k patients): rate, p50/p95/p99 → bench/results/
 	$(BIN)/python bench/consent_bench.py

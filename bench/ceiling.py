@@ -1,0 +1,138 @@
+"""The ceiling for the exchange benchmark: a bare aiokafka consume → produce relay.
+
+It does what every HDX stage does around its handler and nothing else: read a batch
+(getmany, up to 500 records, 20 ms), send every record on to the next topic with its key,
+value and headers (acks=all, linger 1 ms, idempotence off — as hdx_shared.messaging
+configures HDX's producers), wait until the broker acknowledged all of them, then commit
+the batch's offsets. With several topics it chains one relay per hop in this one process.
+
+`bench/exchange_bench.py` starts it as its own process (so its CPU and memory are measured
+like a service's); run by hand:
+
+    .venv/bin/python bench/ceiling.py --bootstrap 127.0.0.1:9092 \\
+        --topics bench.ceiling.0,bench.ceiling.1
+
+It prints "ready" once every relay has its partitions, and stops on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+BATCH_RECORDS = 500  # HDX_CONSUMER_BATCH_SIZE's default
+BATCH_TIMEOUT_MS = 20  # HDX_CONSUMER_BATCH_TIMEOUT_MS's default
+
+
+async def relay(
+    bootstrap: str,
+    source: str,
+    target: str,
+    group: str,
+    producer: AIOKafkaProducer,
+    ready: asyncio.Event,
+    stop: asyncio.Event,
+    fetch_max_wait_ms: int = 500,
+) -> int:
+    """Relay `source` to `target` batch by batch until `stop`; the number of records moved."""
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=BATCH_RECORDS,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )
+    await consumer.start()
+    moved = 0
+    try:
+        while not consumer.assignment() and not stop.is_set():
+            await consumer.getmany(timeout_ms=100)
+        ready.set()
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=BATCH_TIMEOUT_MS, max_records=BATCH_RECORDS)
+            records = [r for part in batches.values() for r in part]
+            if not records:
+                continue
+            futures = [
+                await producer.send(target, r.value, key=r.key, headers=list(r.headers or ()))
+                for r in records
+            ]
+            await asyncio.gather(*futures)
+            await consumer.commit()
+            moved += len(records)
+    finally:
+        await consumer.stop()
+    return moved
+
+
+async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 500) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=1, enable_idempotence=False
+    )
+    await producer.start()
+    tag = uuid.uuid4().hex[:8]
+    try:
+        readies = [asyncio.Event() for _ in topics[:-1]]
+        tasks = [
+            asyncio.create_task(
+                relay(
+                    bootstrap,
+                    src,
+                    dst,
+                    f"bench-ceiling-{tag}-{i}",
+                    producer,
+                    ready,
+                    stop,
+                    fetch_max_wait_ms,
+                )
+            )
+            for i, (src, dst, ready) in enumerate(zip(topics, topics[1:], readies, strict=False))
+        ]
+        waiting = asyncio.ensure_future(asyncio.gather(*(r.wait() for r in readies)))
+        pending: list[asyncio.Future[Any]] = [waiting, *tasks]
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if waiting in done:
+            print("ready", flush=True)
+        moved = await asyncio.gather(*tasks)
+        print(f"moved {sum(moved)}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument(
+        "--topics", required=True, help="comma-separated: input, [intermediate…,] output"
+    )
+    parser.add_argument(
+        "--fetch-max-wait-ms",
+        type=int,
+        default=500,
+        help="how long a fetch may wait for data (aiokafka's default, which HDX's stages use)",
+    )
+    args = parser.parse_args(argv)
+    topics = [t for t in args.topics.split(",") if t]
+    if len(topics) < 2:
+        parser.error("--topics needs an input and an output topic")
+    return asyncio.run(run(args.bootstrap, topics, args.fetch_max_wait_ms))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
