@@ -145,6 +145,8 @@ class LocalStack:
                     if self.broker
                     else os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
                     "HDX_HTTP_PORT": str(port),
+                    # Tansu does not answer a waiting fetch when data arrives: poll briskly.
+                    **({"HDX_CONSUMER_FETCH_MAX_WAIT_MS": "10"} if self.broker else {}),
                     "HDX_DATA_DIR": str(self.data_dir),
                     "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
                     "OTEL_SERVICE_NAME": f"hdx-{spec.name}",

@@ -282,6 +282,14 @@ async def start_broker(broker: KafkaBroker) -> None:
     broker.running = True
 
 
+def _aiokafka_producer(broker: KafkaBroker) -> Any:
+    """The started aiokafka producer under a faststream broker, or None if faststream no
+    longer exposes it there (then publish_all goes through broker.publish)."""
+    state = getattr(getattr(broker.config, "producer", None), "_producer", None)
+    producer = getattr(state, "producer", None)
+    return producer if hasattr(producer, "send") else None
+
+
 async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None:
     """Send everything, then wait until the broker acknowledged every record."""
     if not outgoing:
@@ -290,10 +298,26 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
     if tracing_enabled():
         outgoing, spans = _publish_spans(outgoing)
     try:
-        futures = [
-            await broker.publish(o.value, o.topic, key=o.key, headers=o.headers, no_confirm=True)
-            for o in outgoing
-        ]
+        producer = _aiokafka_producer(broker)
+        if producer is None:
+            futures = [
+                await broker.publish(
+                    o.value, o.topic, key=o.key, headers=o.headers, no_confirm=True
+                )
+                for o in outgoing
+            ]
+        else:
+            # Straight to the broker's own aiokafka producer: the records are bytes already,
+            # so faststream's per-message encoding and middleware would be pure overhead.
+            futures = [
+                await producer.send(
+                    o.topic,
+                    o.value,
+                    key=o.key,
+                    headers=[(k, v.encode()) for k, v in o.headers.items()],
+                )
+                for o in outgoing
+            ]
         await asyncio.gather(*futures)
     finally:
         for span in spans:
@@ -389,6 +413,7 @@ def add_stage(
         batch=True,
         max_records=settings.consumer_batch_size,
         batch_timeout_ms=settings.consumer_batch_timeout_ms,
+        fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title=name,

@@ -34,6 +34,9 @@ class HdxSettings(BaseSettings):
     topic_replication_factor: int = Field(default=1, ge=1)
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=20, ge=0)
+    # How long a fetch waits for data. Kafka answers as soon as data arrives; the embedded
+    # Tansu broker does not, so there a short wait is what keeps latency low.
+    consumer_fetch_max_wait_ms: int = Field(default=100, ge=1)
     # A message whose handling raises this many times in a row is dead-lettered.
     max_delivery_attempts: int = Field(default=5, ge=1)
 

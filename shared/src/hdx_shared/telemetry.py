@@ -95,19 +95,16 @@ def setup_tracing(settings: HdxSettings) -> TracerProvider | None:
 
 
 def kafka_middlewares(provider: TracerProvider | None) -> list[Any]:
-    """faststream's Prometheus layer (messages in and out per topic, processing time,
-    errors).
+    """faststream middlewares for HDX's brokers: none.
 
-    Tracing is not faststream's here: its batch subscribers make one span per batch, and
-    HDX wants one trace per message across every hop, so hdx_shared.messaging makes a
-    CONSUMER span per message and a PRODUCER span per record itself — the only tracing
-    layer on these clients (two would double the spans and the traceparent headers).
+    Tracing is hdx_shared.messaging's: faststream's batch subscribers would make one span
+    per batch, and HDX wants one trace per message across every hop (two tracing layers
+    would double the spans and the traceparent headers). Metrics are the stages' own
+    (hdx_stage_*), and records are published straight through aiokafka, so faststream's
+    per-message Prometheus middleware would only cost time.
     """
     del provider
-    from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-    from prometheus_client import REGISTRY
-
-    return [KafkaPrometheusMiddleware(registry=REGISTRY, metrics_prefix="hdx")]
+    return []
 
 
 def tracing_enabled() -> bool:

@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import or_, update
+from sqlalchemy import insert, or_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -128,23 +130,28 @@ class ExchangeStore:
             known = set(
                 s.exec(select(AuditLogRow.audit_id).where(col(AuditLogRow.audit_id).in_(ids)))
             )
+            rows: list[dict[str, Any]] = []
+            now = datetime.now(UTC)
             for audit_id, patient, body in events:
                 if audit_id in known:
                     continue
                 known.add(audit_id)
                 seq = head.seq + 1
                 digest = chain_hash(head.hash, seq, body)
-                s.add(
-                    AuditLogRow(
-                        seq=seq,
-                        audit_id=audit_id,
-                        patient=patient,
-                        body=body,
-                        prev_hash=head.hash,
-                        hash=digest,
-                    )
+                rows.append(
+                    {
+                        "seq": seq,
+                        "audit_id": audit_id,
+                        "patient": patient,
+                        "recorded_at": now,
+                        "body": body,
+                        "prev_hash": head.hash,
+                        "hash": digest,
+                    }
                 )
                 head.seq, head.hash = seq, digest
+            if rows:
+                s.execute(insert(AuditLogRow), rows)  # one statement for the batch
             s.add(head)
             s.commit()
             return Anchor(head.seq, head.hash)
@@ -188,30 +195,27 @@ class ExchangeStore:
     def _remember_owners(self, owners: Sequence[tuple[str, str, str, str]]) -> None:
         if not owners:
             return
-        latest = {(s, t, i): p for s, t, i, p in owners}
-        with Session(self.engine) as s:
-            existing = {
-                (r.source, r.resource_type, r.resource_id): r
-                for r in s.exec(
-                    select(ResourceOwnerRow).where(
-                        col(ResourceOwnerRow.resource_id).in_({k[2] for k in latest})
-                    )
-                )
+        latest = {(src, t, i): p for src, t, i, p in owners}
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "source": k[0],
+                "resource_type": k[1],
+                "resource_id": k[2],
+                "patient_ref": p,
+                "updated_at": now,
             }
-            for key, patient_ref in latest.items():
-                row = existing.get(key)
-                if row is None:
-                    s.add(
-                        ResourceOwnerRow(
-                            source=key[0],
-                            resource_type=key[1],
-                            resource_id=key[2],
-                            patient_ref=patient_ref,
-                        )
-                    )
-                elif row.patient_ref != patient_ref:
-                    row.patient_ref = patient_ref
-                    s.add(row)
+            for k, p in latest.items()
+        ]
+        dialect = self.engine.dialect.name
+        upsert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+        stmt = upsert(ResourceOwnerRow).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["source", "resource_type", "resource_id"],
+            set_={"patient_ref": stmt.excluded.patient_ref, "updated_at": now},
+        )
+        with Session(self.engine) as s:
+            s.execute(stmt)  # one statement for the batch, on SQLite and PostgreSQL
             s.commit()
 
     def owner_of(self, source: str, resource_type: str, resource_id: str) -> str | None:
@@ -262,17 +266,22 @@ class ExchangeStore:
                     .returning(col(SubscriptionRow.event_count))
                 ).scalar_one()
                 first = last - len(items) + 1
+                rows: list[dict[str, Any]] = []
                 for n, w in enumerate(items.values(), start=first):
                     numbers[(sub, w.event_id)] = n
-                    s.add(
-                        DeliveryRow(
-                            subscription_id=sub,
-                            event_id=w.event_id,
-                            event_number=n,
-                            resource_type=w.resource_type,
-                            focus=w.focus,
-                        )
+                    rows.append(
+                        {
+                            "subscription_id": sub,
+                            "event_id": w.event_id,
+                            "event_number": n,
+                            "resource_type": w.resource_type,
+                            "focus": w.focus,
+                            "created_at": datetime.now(UTC),
+                            "state": "numbered",
+                            "attempts": 0,
+                        }
                     )
+                s.execute(insert(DeliveryRow), rows)
             s.commit()
         return numbers
 
