@@ -91,6 +91,14 @@ class IdentifyStage:
     def process(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         out: list[Outgoing] = []
         with self.service.batch() as work:
+            work.prefetch(
+                {
+                    (m.envelope.source, m.envelope.patient_ref)
+                    for m in batch
+                    if m.envelope.patient_ref
+                },
+                {m.envelope.event_id for m in batch if m.envelope.event_id},
+            )
             for m in batch:
                 out.extend(self._one(work, m))
         return out

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from hdx_patient_index import store as db
 from hdx_patient_index.domain.demographics import Demographics, extract_demographics
@@ -309,6 +309,32 @@ class BatchWork:
         self.s = session
         self._people: dict[RecordKey, PersonRef | None] = {}
         self._identity: dict[str, IdentityState] = {}
+        self._parked_keys: set[RecordKey] | None = None  # None: not prefetched, ask the DB
+
+    def prefetch(self, keys: set[RecordKey], event_ids: set[str]) -> None:
+        """Two queries for the whole batch instead of several per message: the persons of
+        the source records it names, and which of them have parked resources."""
+        if not keys:
+            return
+        local_ids = {k[1] for k in keys}
+        for rec, person in self.s.exec(
+            select(SourceRecordRow, PersonRow)
+            .join(PersonRow, col(PersonRow.id) == col(SourceRecordRow.person_id))
+            .where(col(SourceRecordRow.local_id).in_(local_ids))
+        ):
+            key = (rec.source, rec.local_id)
+            if key in keys:
+                self._people[key] = PersonRef(person.id, tuple(person.trusted_ids.split()))
+        self._parked_keys = {
+            (src, lid)
+            for src, lid in self.s.exec(
+                select(ParkedRow.source, ParkedRow.local_id).where(
+                    col(ParkedRow.local_id).in_(local_ids),
+                    col(ParkedRow.released_ms).is_(None)
+                    | col(ParkedRow.released_by).in_(event_ids),
+                )
+            )
+        }
 
     # Identity state ----------------------------------------------------------------------
     def identity(self, person_id: str) -> IdentityState:
@@ -364,6 +390,8 @@ class BatchWork:
 
     def park(self, m: ParkedMessage) -> None:
         """Keep a resource until its Patient arrives (once: a redelivery is not parked twice)."""
+        if self._parked_keys is not None:
+            self._parked_keys.add((m.source, m.local_id))
         if db.parked_at(self.s, m.topic, m.partition, m.offset) is not None:
             return
         self.s.add(
@@ -552,6 +580,8 @@ class BatchWork:
         return refresh_person(self.s, person_id, now, self.svc.trusted)
 
     def _release(self, source: str, local_id: str, event_id: str, now: int) -> list[ParkedMessage]:
+        if self._parked_keys is not None and (source, local_id) not in self._parked_keys:
+            return []  # the batch's prefetch found nothing parked for this patient
         out = []
         for row in db.parked_for(self.s, source, local_id, event_id):
             if row.released_ms is None:
