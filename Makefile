@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent clean
+.PHONY: help install run test test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent bench-mpi clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +56,9 @@ bench-profile: install ## py-spy the three services through a 10,000-message run
 
 bench-consent: install ## Benchmark consent decisions (100k patients): rate, p50/p95/p99 → bench/results/
 	$(BIN)/python bench/consent_bench.py
+
+bench-mpi: install ## Benchmark patient matching (FEBRL3/4, synthetic FHIR, 100k latency) vs Splink and recordlinkage → bench/results/
+	$(BIN)/python bench/mpi_bench.py
 
 clean: ## Remove data/, caches and the virtualenv
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache $(VENV)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
-from pix_builders import demo
+from pix_builders import NHS_A, NHS_B, demo
 
 from hdx_patient_index.domain.comparators import (
     Field,
     Level,
     compare,
+    compare_address,
     compare_birth_date,
     compare_family,
     compare_gender,
@@ -18,9 +20,16 @@ from hdx_patient_index.domain.comparators import (
     compare_identifiers,
     compare_phone,
     compare_postcode,
+    one_edit,
 )
 from hdx_patient_index.domain.demographics import Demographics
-from hdx_patient_index.domain.weights import DEFAULT_WEIGHTS, PRIOR_PROBABILITIES
+from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier
+from hdx_patient_index.domain.weights import (
+    DEFAULT_WEIGHTS,
+    PRIOR_PROBABILITIES,
+    MatchWeights,
+    TermFrequencies,
+)
 
 
 @pytest.mark.parametrize(
@@ -135,3 +144,151 @@ def test_priors_are_probability_distributions_and_weights_ordered() -> None:
             > DEFAULT_WEIGHTS.weight(field, Level.DISAGREE)
         )
         assert DEFAULT_WEIGHTS.weight(field, Level.MISSING) == 0
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("19800304", "19800305", True),  # one digit
+        ("19800304", "19080304", True),  # adjacent digits swapped
+        ("19800304", "19800304", False),  # equal is not an error
+        ("19800304", "19810305", False),  # two digits
+        ("19800304", "19800430", False),  # two swaps
+        ("4305", "4350", True),
+        ("1234567", "123456", False),  # lengths differ: not a keying error we look for
+    ],
+)
+def test_one_edit(a: str, b: str, same: bool) -> None:
+    assert one_edit(a, b) is same
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [
+        # Date transpositions and typos.
+        ("1980-03-04", "1980-04-03", Level.DAY_MONTH_SWAPPED),
+        ("1980-12-01", "1980-01-12", Level.DAY_MONTH_SWAPPED),
+        ("1980-03-04", "1980-03-40", Level.SAME_YEAR),  # an invalid date keeps its year
+        ("1980-03-14", "1980-13-14", Level.SAME_YEAR),
+        ("1980-03-14", "1890-03-14", Level.ONE_DIGIT),  # 98 → 89
+        ("1980-03-14", "1908-03-14", Level.ONE_DIGIT),  # 80 → 08
+        ("1980-03-14", "1970-04-14", Level.DISAGREE),  # two digits, two fields
+        ("2001-05-05", "2001-05-05", Level.EXACT),
+    ],
+)
+def test_birth_date_transpositions(a: str, b: str, level: Level) -> None:
+    assert compare_birth_date(demo(birth_date=a), demo(birth_date=b)) is level
+
+
+def _home(line: str | None, postcode: str | None) -> Demographics:
+    return Demographics(
+        addresses=(line,) if line else (), postcodes=(postcode,) if postcode else ()
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [
+        (("12 station rd", "LS14AB"), ("12 station rd", "LS14AB"), Level.EXACT),
+        (("12 station rd", "LS14AB"), ("12 stationrd", None), Level.EXACT),
+        (("12 station rd", "LS14AB"), ("12 staton rd", "LS14AB"), Level.EXACT),  # fuzzy street
+        (("12 station rd", "LS14AB"), ("12 station rd", "LS14BA"), Level.EXACT),  # pc typo
+        (("12 station rd", "LS14AB"), ("12 station rd", "M11AE"), Level.SAME_LINE),
+        (("12 station rd", "LS14AB"), ("14 station rd", "LS14AB"), Level.PARTIAL),
+        (("12 station rd", "LS14AB"), ("3 mill ln", "LS14AB"), Level.SAME_POSTCODE),
+        (("12 station rd", "4305"), ("3 mill ln", "4350"), Level.ONE_DIGIT),
+        (("12 station rd", "LS14AB"), ("3 mill ln", "LS19ZZ"), Level.DISTRICT),
+        (("12 station rd", "LS14AB"), ("3 mill ln", "M11AE"), Level.DISAGREE),
+        ((None, "LS14AB"), (None, "LS14AB"), Level.SAME_POSTCODE),
+        (("12 station rd", None), (None, "LS14AB"), Level.MISSING),
+        ((None, None), ("12 station rd", "LS14AB"), Level.MISSING),
+    ],
+)
+def test_address_line_and_postcode_are_one_comparison(
+    a: tuple[str | None, str | None], b: tuple[str | None, str | None], level: Level
+) -> None:
+    assert compare_address(_home(*a), _home(*b)) is level
+    assert compare_address(_home(*b), _home(*a)) is level
+
+
+def test_compare_emits_the_address_once_not_the_postcode_on_its_own() -> None:
+    levels = compare(_home("12 station rd", "LS14AB"), _home("12 station rd", "LS14AB"))
+    assert levels[Field.ADDRESS] is Level.EXACT and Field.POSTCODE not in levels
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [
+        ([("urn:mrn", "12345678")], [("urn:mrn", "12345678")], Level.EXACT),
+        ([("urn:mrn", "12345678")], [("urn:mrn", "12345687")], Level.ONE_DIGIT),
+        ([("urn:mrn", "12")], [("urn:mrn", "13")], Level.DISAGREE),  # too short to tell
+        ([("urn:mrn", "12345678")], [("urn:other", "12345678")], Level.MISSING),
+        ([("urn:mrn", "12345678"), ("urn:b", "1")], [("urn:b", "1")], Level.EXACT),
+    ],
+)
+def test_untrusted_identifiers(
+    a: list[tuple[str, str]], b: list[tuple[str, str]], level: Level
+) -> None:
+    def ids(pairs: list[tuple[str, str]]) -> Demographics:
+        return Demographics(identifiers=tuple(Identifier(s, v) for s, v in pairs))
+
+    assert compare_identifiers(ids(a), ids(b)) is level
+
+
+def test_an_nhs_number_keyed_wrong_is_one_digit_from_the_trusted_one() -> None:
+    trusted = Demographics(trusted=(Identifier(NHS_NUMBER, NHS_A),))
+    typed = Demographics(identifiers=(Identifier(NHS_NUMBER, NHS_A[:-2] + NHS_A[-1] + NHS_A[-2]),))
+    assert compare_identifiers(trusted, typed) is Level.ONE_DIGIT
+    assert compare_identifiers(typed, trusted) is Level.ONE_DIGIT
+    # Two trusted values are never compared here: the trusted-identifier path decides.
+    other = Demographics(trusted=(Identifier(NHS_NUMBER, NHS_B),))
+    assert compare_identifiers(trusted, other) is Level.MISSING
+
+
+@pytest.mark.parametrize(
+    ("family", "shares", "expected"),
+    [
+        ("smith", {"smith": 0.02}, math.log2(0.9 / 0.02)),  # common: less evidence
+        ("lovelace", {"smith": 0.02}, math.log2(0.9 / 0.0001)),  # unseen: the floor
+        ("rare", {"rare": 0.00001}, math.log2(0.9 / 0.0001)),  # never below the floor
+    ],
+)
+def test_term_frequencies_weigh_common_names_less(
+    family: str, shares: dict[str, float], expected: float
+) -> None:
+    tf = TermFrequencies(0.9, shares, 0.0001)
+    weights = MatchWeights.from_probabilities(PRIOR_PROBABILITIES, {Field.FAMILY: tf})
+    d = Demographics(family=family)
+    levels = {Field.FAMILY: Level.EXACT, Field.GIVEN: Level.DISAGREE}
+    base = DEFAULT_WEIGHTS.total(levels)
+    shift = expected - DEFAULT_WEIGHTS.weight(Field.FAMILY, Level.EXACT)
+    assert weights.score(d, levels) == pytest.approx(base + shift)
+    # Other levels are not term-frequency adjusted.
+    fuzzy = {Field.FAMILY: Level.FUZZY_HIGH}
+    assert weights.score(d, fuzzy) == pytest.approx(DEFAULT_WEIGHTS.total(fuzzy))
+
+
+def test_weights_precomputed_table_agrees_with_weight() -> None:
+    for f in PRIOR_PROBABILITIES:
+        for level in Level:
+            assert DEFAULT_WEIGHTS.total({f: level}) == DEFAULT_WEIGHTS.weight(f, level)
+    assert DEFAULT_WEIGHTS.total({Field.POSTCODE: Level.EXACT}) == 0.0  # not in the table
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "transposed"),
+    [
+        (("lovelace", ["ada"]), ("ada", ["lovelace"]), True),
+        (("ryan", ["chloe"]), ("chloe", ["ryna"]), True),  # swapped, and a typo
+        (("sporn", ["abby"]), ("abyb", ["sporn"]), True),
+        (("graham jones", ["amelia"]), ("amelua", ["graham", "jones"]), True),
+        (("lovelace", ["ada"]), ("hopper", ["grace"]), False),
+        (("lovelace", ["ada"]), ("ada", ["hopper"]), False),  # only one name crosses
+    ],
+)
+def test_swapped_names_with_typos(
+    a: tuple[str, list[str]], b: tuple[str, list[str]], transposed: bool
+) -> None:
+    levels = compare(demo(family=a[0], given=a[1]), demo(family=b[0], given=b[1]))
+    got = levels[Field.FAMILY] is Level.TRANSPOSED and levels[Field.GIVEN] is Level.TRANSPOSED
+    assert got is transposed

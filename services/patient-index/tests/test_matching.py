@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import math
+from datetime import date
 from typing import Any
 
 import pytest
 from pix_builders import NHS_A, NHS_B, NHS_C, demo
 
+from hdx_patient_index.domain.comparators import compare
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
 from hdx_patient_index.domain.index import PersonIndex
 from hdx_patient_index.domain.matching import (
     Basis,
     Grade,
+    Hold,
     MatchConfig,
     Matcher,
     ReviewReason,
+    hold,
     trusted_conflict,
 )
 
@@ -211,3 +216,113 @@ def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
     assert index.candidates(swapped) == {"P1"}
     # Family and given swapped, no date.
     assert index.candidates(demo(family="Ada", given="Lovelace", birth_date=None)) == {"P1"}
+
+
+def person(
+    given: str | None,
+    born: str | None,
+    *,
+    family: str = "lovelace",
+    gender: str | None = "female",
+    mrn: str | None = None,
+) -> Demographics:
+    """Someone at the Lovelaces' home: same address, postcode and phone."""
+    d = date.fromisoformat(born) if born else None
+    return Demographics(
+        family=family,
+        given=(given,) if given else (),
+        birth_date=d,
+        birth_year=d.year if d else None,
+        gender=gender,
+        postcodes=("SW1A1AA",),
+        addresses=("12 st jamess sq",),
+        phones=("2079460958",),
+        identifiers=(Identifier("urn:mrn", mrn),) if mrn else (),
+    )
+
+
+# (what differs from Ada at home, born 1815-12-10, the rule that holds the link or None)
+HOLD_CASES: list[tuple[str, Demographics, Hold | None]] = [
+    ("the same person", person("ada", "1815-12-10"), None),
+    ("a typo in the given name", person("adda", "1815-12-10"), None),
+    ("a nickname", person("addie", "1815-12-10"), None),
+    ("day and month swapped", person("ada", "1815-10-12"), None),
+    ("twin sister", person("augusta", "1815-12-10"), Hold.TWIN),
+    ("twin brother", person("byron", "1815-12-10", gender="male"), Hold.TWIN),
+    ("twin, date typed wrong", person("augusta", "1815-12-11"), Hold.TWIN),
+    ("twin, other surname", person("augusta", "1815-12-10", family="king"), Hold.TWIN),
+    ("mother of the same name", person("ada", "1790-03-01"), Hold.GENERATION),
+    ("daughter of the same name", person("ada", "1840-07-01"), Hold.GENERATION),
+    ("sister, another year", person("augusta", "1817-02-01"), Hold.HOUSEHOLD),
+    ("someone at home, no date", person("augusta", None), Hold.HOUSEHOLD),
+    ("birth year typed wrong", person("ada", "1825-12-10"), None),  # one digit
+    ("same hospital number (twin)", person("augusta", "1815-12-10", mrn="7"), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("other", "rule"), [c[1:] for c in HOLD_CASES], ids=[c[0] for c in HOLD_CASES]
+)
+def test_hard_negative_rules(other: Demographics, rule: Hold | None) -> None:
+    ada = person("ada", "1815-12-10", mrn="7")
+    levels = compare(ada, other)
+    assert hold(ada, other, levels) is rule
+    assert hold(other, ada, compare(other, ada)) is rule
+    if rule is not None:
+        # However strong the household's evidence, the link is held for review.
+        decision = Matcher(MatchConfig(upper=1.0, lower=0.0)).decide(other, index_with(("P1", ada)))
+        assert decision.person_id is None and decision.grade is Grade.POSSIBLE
+        assert decision.review[0].candidate.hold is rule
+        off = Matcher(MatchConfig(upper=1.0, lower=0.0, hard_negatives=False))
+        assert off.decide(other, index_with(("P1", ada))).person_id == "P1"
+
+
+def test_a_twin_anywhere_in_a_persons_records_holds_the_link() -> None:
+    # P1 is Ada (two records); a record of her twin sister matches the sparser one well.
+    sparse = Demographics(family="lovelace", addresses=("12 st jamess sq",), postcodes=("SW1A1AA",))
+    index = index_with(("P1", person("ada", "1815-12-10")), ("P1", sparse))
+    twin = person("augusta", "1815-12-10")
+    decision = Matcher(MatchConfig(upper=1.0, lower=0.0)).decide(twin, index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN
+
+
+def test_a_record_that_fits_two_people_equally_is_not_linked() -> None:
+    # Father and son of one name at one address; a record with no birth date fits both.
+    father = person("george", "1950-01-01", gender="male")
+    son = person("george", "1980-06-06", gender="male")
+    index = index_with(("FATHER", father), ("SON", son))
+    undated = person("george", None, gender="male")
+    decision = Matcher(MatchConfig(upper=10.0, lower=0.0)).decide(undated, index)
+    assert decision.person_id is None and decision.grade is Grade.POSSIBLE
+    assert {r.candidate.person_id for r in decision.review} == {"FATHER", "SON"}
+    assert {r.candidate.hold for r in decision.review} == {Hold.AMBIGUOUS}
+
+
+def test_one_person_the_index_holds_twice_is_not_ambiguous() -> None:
+    # The same Ada filed as two persons (a missed link): the record links to the better.
+    index = index_with(("P1", person("ada", "1815-12-10")), ("P2", person("ada", "1815-12-10")))
+    decision = Matcher(MatchConfig(upper=10.0, lower=0.0)).decide(
+        person("ada", "1815-12-10"), index
+    )
+    assert decision.person_id == "P1"
+    assert [(r.candidate.person_id, r.reason) for r in decision.review] == [
+        ("P2", ReviewReason.AMBIGUOUS)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("persons", "upper", "lower"),
+    [
+        (2**24, 24 + math.log2(99), 24 - math.log2(99)),  # the defaults' rule: ≈ 30.6 / 17.4
+        (10_000, math.log2(10_000) + math.log2(99), math.log2(10_000) - math.log2(99)),
+        (1, 1 + math.log2(99), 1 - math.log2(99)),  # never below one person
+    ],
+)
+def test_thresholds_for_a_population(persons: int, upper: float, lower: float) -> None:
+    config = MatchConfig.for_population(persons)
+    assert config.upper == pytest.approx(upper)
+    assert config.lower == pytest.approx(lower)
+    assert config.prior_log2_odds == pytest.approx(-max(math.log2(persons), 1))
+    defaults = MatchConfig()
+    assert abs(MatchConfig.for_population(2**24).upper - defaults.upper) < 1
+    assert abs(MatchConfig.for_population(2**24).lower - defaults.lower) < 1

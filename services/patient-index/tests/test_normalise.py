@@ -8,10 +8,12 @@ from hdx_patient_index.domain.normalise import (
     compact,
     given_name_forms,
     name_tokens,
+    normalise_address_line,
     normalise_name,
     normalise_phone,
     normalise_postcode,
     postcode_district,
+    split_house_number,
 )
 
 
@@ -95,3 +97,50 @@ def test_postcodes(raw: str, postcode: str | None, district: str | None) -> None
 )
 def test_phone_numbers(raw: str, expected: str | None) -> None:
     assert normalise_phone(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "agree"),
+    [
+        ("izzy", "isabella", True),
+        ("jess", "jessica", True),
+        ("lottie", "charlotte", True),
+        ("theo", "theodore", True),
+        ("millie", "amelia", True),
+        ("tim", "timothy", True),
+        ("sasha", "alexandra", True),
+        ("sasha", "alex", True),  # both short for alexandra/alexander
+        ("theo", "edward", False),
+        ("jess", "jessie", False),  # not in the table: left to the fuzzy comparators
+    ],
+)
+def test_nickname_table_additions(a: str, b: str, agree: bool) -> None:
+    assert bool(given_name_forms(a) & given_name_forms(b)) is agree
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("12 Station Road", "12 station rd"),
+        ("12 STATION RD.", "12 station rd"),
+        ("Flat 3, 7 Crescent Avenue", "flat 3 7 cres ave"),
+        ("1a Church-Lane", "1a church ln"),
+        ("  ", None),
+        (None, None),
+    ],
+)
+def test_normalise_address_line(raw: str | None, expected: str | None) -> None:
+    assert normalise_address_line(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "number", "street"),
+    [
+        ("12 station rd", "12", "station rd"),
+        ("12a station rd", "12a", "station rd"),
+        ("station rd", "", "station rd"),
+        ("4", "", "4"),
+    ],
+)
+def test_split_house_number(line: str, number: str, street: str) -> None:
+    assert split_house_number(line) == (number, street)

@@ -8,6 +8,7 @@ weakest; MISSING when either side lacks the field (weight 0: no evidence either 
 
 from __future__ import annotations
 
+from datetime import date
 from enum import StrEnum
 from functools import lru_cache
 
@@ -89,6 +90,8 @@ def compare_strings(a: str, b: str) -> Level:
 def compare_family(a: Demographics, b: Demographics) -> Level:
     if not a.family or not b.family:
         return Level.MISSING
+    if a.family == b.family:
+        return Level.EXACT
     level = compare_strings(compact(a.family), compact(b.family))
     if level in (Level.EXACT, Level.FUZZY_HIGH, Level.PHONETIC):
         return level
@@ -106,7 +109,7 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
         return Level.MISSING
     if ga == gb:
         return Level.EXACT
-    if given_name_forms(ga) & given_name_forms(gb):
+    if not given_name_forms(ga).isdisjoint(given_name_forms(gb)):
         return Level.NICKNAME
     level = compare_strings(ga, gb)
     if level in (Level.FUZZY_HIGH, Level.PHONETIC):
@@ -121,17 +124,20 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
 def one_edit(a: str, b: str) -> bool:
     """One keying error apart: a single character substituted, or two adjacent ones swapped
     (what a modulus-11 check digit catches, and what typing a number wrong mostly does)."""
-    if len(a) != len(b) or a == b:
+    n = len(a)
+    if n != len(b) or a == b:
         return False
-    diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
-    if len(diffs) == 1:
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    if a[i + 1 :] == b[i + 1 :]:
         return True
-    return (
-        len(diffs) == 2
-        and diffs[1] == diffs[0] + 1
-        and a[diffs[0]] == b[diffs[1]]
-        and a[diffs[1]] == b[diffs[0]]
-    )
+    return i + 1 < n and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2 :] == b[i + 2 :]
+
+
+@lru_cache(maxsize=65_536)
+def _digits(d: date) -> str:
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}"
 
 
 def compare_birth_date(a: Demographics, b: Demographics) -> Level:
@@ -145,7 +151,7 @@ def compare_birth_date(a: Demographics, b: Demographics) -> Level:
         return Level.EXACT
     if da.year == db.year and da.day == db.month and da.month == db.day:
         return Level.DAY_MONTH_SWAPPED
-    if one_edit(da.strftime("%Y%m%d"), db.strftime("%Y%m%d")):
+    if one_edit(_digits(da), _digits(db)):
         return Level.ONE_DIGIT
     if da.year == db.year:
         return Level.SAME_YEAR
@@ -160,17 +166,27 @@ def compare_gender(a: Demographics, b: Demographics) -> Level:
 
 def compare_postcode(a: Demographics, b: Demographics) -> Level:
     """Same postcode; one keying error apart; same UK district (outward code); else none."""
-    if not a.postcodes or not b.postcodes:
+    pa, pb = a.postcodes, b.postcodes
+    if not pa or not pb:
         return Level.MISSING
-    if not set(a.postcodes).isdisjoint(b.postcodes):
+    if len(pa) == 1 and len(pb) == 1:
+        x, y = pa[0], pb[0]
+        if x == y:
+            return Level.EXACT
+        if one_edit(x, y):
+            return Level.ONE_DIGIT
+        dx = postcode_district(x)
+        return Level.DISTRICT if dx is not None and dx == postcode_district(y) else Level.DISAGREE
+    if not set(pa).isdisjoint(pb):
         return Level.EXACT
-    if any(one_edit(x, y) for x in a.postcodes for y in b.postcodes):
+    if any(one_edit(x, y) for x in pa for y in pb):
         return Level.ONE_DIGIT
-    districts_a = {d for p in a.postcodes if (d := postcode_district(p))}
-    districts_b = {d for p in b.postcodes if (d := postcode_district(p))}
+    districts_a = {d for p in pa if (d := postcode_district(p))}
+    districts_b = {d for p in pb if (d := postcode_district(p))}
     return Level.DISTRICT if districts_a & districts_b else Level.DISAGREE
 
 
+@lru_cache(maxsize=262_144)
 def _compare_line(x: str, y: str) -> Level:
     if x == y or compact(x) == compact(y):
         return Level.EXACT
@@ -258,6 +274,15 @@ def compare_identifiers(a: Demographics, b: Demographics) -> Level:
     """
     if not a.identifiers and not b.identifiers:
         return Level.MISSING
+    if len(a.identifiers) == 1 and len(b.identifiers) == 1 and not a.trusted and not b.trusted:
+        x, y = a.identifiers[0], b.identifiers[0]  # the common case, without the lists
+        if not x.system or x.system != y.system:
+            return Level.MISSING
+        if x.value == y.value:
+            return Level.EXACT
+        if len(x.value) >= MIN_KEYED_LENGTH and one_edit(x.value, y.value):
+            return Level.ONE_DIGIT
+        return Level.DISAGREE
     # Pairs of values in one system, at least one of them untrusted.
     pairs = [
         (x.value, y.value)
@@ -278,6 +303,28 @@ def compare_identifiers(a: Demographics, b: Demographics) -> Level:
 _DISAGREEING = frozenset({Level.DISAGREE, Level.FUZZY_LOW, Level.PHONETIC, Level.PARTIAL})
 
 
+def _name_forms(d: Demographics) -> tuple[str, str] | None:
+    """(family, given) compacted, the given names all together ('graham jones' given as
+    two names reads as the family name 'grahamjones')."""
+    if not d.family or not d.given:
+        return None
+    return compact(d.family), "".join(d.given)
+
+
+def _transposed(a: Demographics, b: Demographics) -> bool:
+    """Family and given name swapped between the records, allowing a typo in each: both
+    crossed pairs at least JW_LOW alike, one of them at least JW_HIGH."""
+    fa, fb = _name_forms(a), _name_forms(b)
+    if fa is None or fb is None:
+        return False
+    family_a, given_a = fa
+    family_b, given_b = fb
+    first_a, first_b = a.given[0], b.given[0]
+    one = max(jaro_winkler(family_a, given_b), jaro_winkler(family_a, first_b))
+    two = max(jaro_winkler(given_a, family_b), jaro_winkler(first_a, family_b))
+    return min(one, two) >= JW_LOW and max(one, two) >= JW_HIGH
+
+
 def compare(a: Demographics, b: Demographics) -> dict[Field, Level]:
     """Every field's agreement level for one pair of records."""
     levels = {
@@ -292,12 +339,7 @@ def compare(a: Demographics, b: Demographics) -> dict[Field, Level]:
     if (
         levels[Field.FAMILY] in _DISAGREEING
         and levels[Field.GIVEN] in _DISAGREEING
-        and a.family
-        and b.family
-        and a.first_given
-        and b.first_given
-        and compact(a.family) == b.first_given
-        and compact(b.family) == a.first_given
+        and _transposed(a, b)
     ):
         levels[Field.FAMILY] = levels[Field.GIVEN] = Level.TRANSPOSED
     return levels

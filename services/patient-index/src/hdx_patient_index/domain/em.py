@@ -6,6 +6,10 @@ records (demographics) and nothing else:
 - **u** — how often each level happens by chance — from pairs of records drawn at random
   (seeded): nearly all random pairs are different people, so their levels are the u
   distribution (the approach Splink takes; true matches among them are ~1 in 10,000).
+  Where a level is plain equality of one value (family name, first given name, birth
+  date, gender: EXACT) its u is counted from the value counts instead (`exact_agreement`),
+  which is exact where sampling is noisy; the field's other levels keep their sampled
+  proportions.
 - **m** — how often true matches look like this — and λ, the share of matches among the
   pairs compared, by expectation–maximisation with u held at its random-pair estimate
   (`ExpectationMaximisation`, the `WeightEstimator` seam of weights.py; it can also
@@ -38,7 +42,7 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +64,7 @@ MODEL_VERSION = 1
 # Defaults, documented in the module docstring.
 M_PRIOR_PAIRS = 100.0  # pseudo-matches behind the m priors
 U_PRIOR_PAIRS = 1_000.0  # pseudo-non-matches behind the u priors
-RANDOM_PAIRS = 100_000  # random pairs for u
+RANDOM_PAIRS = 30_000  # random pairs for u (EXACT levels of single values are counted)
 MAX_BLOCKED_PAIRS = 200_000  # blocked pairs for EM (a seeded sample beyond that)
 MAX_BLOCK = 1_000  # blocks bigger than this are left out of the EM pairs
 TF_MIN_SHARE = 1e-5  # a name is never taken to be rarer than 1 in 100,000
@@ -134,7 +138,10 @@ class ExpectationMaximisation:
         """EM from ``start``; fields in ``conditioned`` are left out (and keep ``start``)."""
         fields = [f for f in start if f not in conditioned]
         used = {f: start[f] for f in fields}
-        patterns = Counter(_canonical(c, used) for c in comparisons)
+        raw = Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
+        patterns: Counter[tuple[Level, ...]] = Counter()
+        for pattern, n in raw.items():  # unlisted levels → DISAGREE, once per distinct vector
+            patterns[_canonical(dict(zip(fields, pattern, strict=True)), used)] += n
         n_pairs = sum(patterns.values())
         m = {f: {lv: p[0] for lv, p in start[f].items()} for f in fields}
         u = {f: {lv: p[1] for lv, p in start[f].items()} for f in fields}
@@ -194,15 +201,63 @@ def estimate_u(
     prior_pairs: float = U_PRIOR_PAIRS,
 ) -> dict[Field, dict[Level, float]]:
     """u per field and level from the comparison vectors of random pairs (smoothed)."""
+    fields = list(priors)
+    raw = Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
     counts: LevelCounts = {f: {} for f in priors}
-    for c in comparisons:
-        for f, level in zip(priors, _canonical(c, priors), strict=True):
+    for pattern, n in raw.items():
+        canonical = _canonical(dict(zip(fields, pattern, strict=True)), priors)
+        for f, level in zip(fields, canonical, strict=True):
             if level is not Level.MISSING:
-                counts[f][level] = counts[f].get(level, 0.0) + 1.0
+                counts[f][level] = counts[f].get(level, 0.0) + n
     return {
         f: _smoothed(counts[f], {lv: p[1] for lv, p in priors[f].items()}, prior_pairs)
         for f in priors
     }
+
+
+def _birth_date_value(d: Demographics) -> str | None:
+    return d.birth_date.isoformat() if d.birth_date else None
+
+
+def _gender_value(d: Demographics) -> str | None:
+    return d.gender
+
+
+# Fields whose EXACT level is plain equality of one value: its u is counted, not sampled.
+EXACT_VALUES: Mapping[Field, Callable[[Demographics], str | None]] = {
+    **TERM_VALUES,
+    Field.BIRTH_DATE: _birth_date_value,
+    Field.GENDER: _gender_value,
+}
+
+
+def exact_agreement(records: Sequence[Demographics]) -> dict[Field, float]:
+    """The chance that two distinct records picked at random (both with the field) agree
+    exactly, from the value counts: Σ c(c−1) / n(n−1). Exact where sampling random pairs is
+    noisy (a birth date agrees in ~1 of 30,000 random pairs)."""
+    out: dict[Field, float] = {}
+    for f, value_of in EXACT_VALUES.items():
+        counts = Counter(v for d in records if (v := value_of(d)) is not None)
+        n = sum(counts.values())
+        shared = sum(c * (c - 1) for c in counts.values())
+        if n > 1 and shared:
+            out[f] = shared / (n * (n - 1))
+    return out
+
+
+def with_exact(
+    u: Mapping[Field, Mapping[Level, float]], exact: Mapping[Field, float]
+) -> dict[Field, dict[Level, float]]:
+    """u with the counted EXACT probabilities in, the field's other levels rescaled."""
+    out = {f: dict(levels) for f, levels in u.items()}
+    for f, p in exact.items():
+        levels = out.get(f)
+        if levels is None or Level.EXACT not in levels or not 0 < p < 1:
+            continue
+        rest = 1.0 - levels[Level.EXACT]
+        for level in levels:
+            levels[level] = p if level is Level.EXACT else levels[level] * (1.0 - p) / rest
+    return out
 
 
 def random_pairs(n_records: int, n_pairs: int, rng: random.Random) -> list[tuple[int, int]]:
@@ -210,10 +265,12 @@ def random_pairs(n_records: int, n_pairs: int, rng: random.Random) -> list[tuple
     possible = n_records * (n_records - 1) // 2
     target = min(n_pairs, possible)
     seen: set[tuple[int, int]] = set()
+    draw = rng.random
     while len(seen) < target:
-        i, j = rng.randrange(n_records), rng.randrange(n_records)
-        if i != j:
-            seen.add((min(i, j), max(i, j)))
+        i, j = int(draw() * n_records), int(draw() * (n_records - 1))
+        if j >= i:
+            j += 1
+        seen.add((i, j) if i < j else (j, i))
     return sorted(seen)
 
 
@@ -345,6 +402,7 @@ def estimate_model(
     rng = random.Random(seed)
     rand = random_pairs(len(records), n_random_pairs, rng)
     u = estimate_u((compare(records[i], records[j]) for i, j in rand), priors, em.u_prior_pairs)
+    u = with_exact(u, exact_agreement(records))
     start = {f: {lv: (p[0], u[f][lv]) for lv, p in priors[f].items()} for f in priors}
     m_sum: dict[Field, dict[Level, float]] = {}
     u_sum: dict[Field, dict[Level, float]] = {}

@@ -7,20 +7,20 @@
    candidate person; a person's weight is its best record's.
 3. Thresholds: weight ≥ upper → link ("probable"); lower ≤ weight < upper → a new person,
    with the candidate recorded for review ("possible"); below lower → a new person.
-4. Hard negatives are never linked automatically, whatever the weight (`hold`): the fields
-   are not independent within a family, so a household's shared surname, address and phone
-   can outweigh the one field that tells its members apart. Twins (same family name and
-   birth date, given names that differ by more than one typo), parent and child of the
-   same name (birth years `GENERATION_YEARS` or more apart) go to review at most — unless
-   an identifier of one system agrees, which family members never share. More generally a link needs the
-   *person* to agree, not just the household: at least one of the given name and the birth
-   date must agree (exact, nickname, typo; or exact, swapped, one digit). Twins and
-   generations are checked against every record of a candidate person, not only its best:
-   one contradiction is enough to hold the link. And a link needs a clear winner: when two
-   persons both score above the upper threshold within `ambiguity_margin` of each other
-   (a father and son of the same name, one record without a birth date), neither is
-   linked; both go to review.
-   `MatchConfig.hard_negatives=False` turns the rule off (to measure what it costs).
+4. Hard negatives are never linked automatically, whatever the weight (`hold`): fields are
+   not independent within a family, so a household's shared surname, address and phone
+   can outweigh the one field that tells its members apart. Twins (the same birth date,
+   given names more than one typo apart) and parent and child of one name (birth years
+   `GENERATION_YEARS` or more apart) go to review at most — unless an identifier of one
+   system agrees, which family members never share. More generally a link needs the
+   *person* to agree, not just the household: the given name or the birth date must agree
+   (exact, nickname, typo; or exact, day/month swapped, one digit). Twins and generations
+   are checked against every record of a candidate person, not only its best: one
+   contradiction holds the link. And a link needs a clear winner: when two persons score
+   above the upper threshold within `ambiguity_margin` of each other and could not be
+   linked to each other (a father and son of one name, a record without a birth date),
+   neither is linked; both go to review. `MatchConfig.hard_negatives=False` turns all of
+   this off (to measure what it costs).
 
 Grades follow FHIR's match-grade extension (certain | probable | possible | certainly-not).
 """
@@ -79,9 +79,10 @@ class MatchConfig:
 
     With the prior weights, the same name, birth date and gender with nothing else weighs
     about 28 (review, not an automatic link: twins and common names); adding the same
-    postcode brings it to about 39. ``prior_log2_odds`` turns a weight into a probability
-    for ``$match`` scores: -24 ≈ one in 16 million, the chance that two records picked at
-    random from a national population are the same person.
+    postcode brings it to about 35, the same address line and postcode to about 40.
+    ``prior_log2_odds`` turns a weight into a probability for ``$match`` scores: -24 ≈ one
+    in 16 million, the chance that two records picked at random from a national
+    population are the same person.
 
     The defaults follow one rule, `for_population`: link when the posterior probability of
     a match is at least 99 % (weight ≥ −prior + log2 99 ≈ 30.6), review from 1 % (≈ 17.4).
@@ -241,29 +242,26 @@ class Matcher:
         basis: Basis = Basis.DEMOGRAPHICS,
     ) -> Candidate | None:
         """The person's best-scoring record against ``d`` (None if it has no other record)."""
-        best: tuple[float, dict[Field, Level]] | None = None
-        best_record: Demographics | None = None
-        contradiction: Hold | None = None
-        check = basis is Basis.DEMOGRAPHICS and self.config.hard_negatives
+        scored: list[tuple[float, dict[Field, Level], Demographics]] = []
         for rec in index.records_of(person_id):
             if rec.key == exclude:
                 continue
-            scored = self.weigh(d, rec.demographics)
-            if best is None or scored[0] > best[0]:
-                best, best_record = scored, rec.demographics
-            if check and contradiction is None:
-                h = hold(d, rec.demographics, scored[1])
-                if h in _CONTRADICTIONS:
-                    contradiction = h
-        if best is None or best_record is None:
+            weight, levels = self.weigh(d, rec.demographics)
+            scored.append((weight, levels, rec.demographics))
+        if not scored:
             return None
-        weight, levels = best
+        weight, levels, best_record = max(scored, key=lambda s: s[0])
         if basis is Basis.TRUSTED_ID:
             return Candidate(person_id, Grade.CERTAIN, weight, 1.0, basis, levels)
         grade = self.grade_of(weight) or Grade.CERTAINLY_NOT
         held = None
-        if grade is Grade.PROBABLE and check:
-            held = hold(d, best_record, levels) or contradiction
+        if grade is Grade.PROBABLE and self.config.hard_negatives:
+            held = hold(d, best_record, levels)
+            for _, other_levels, other in scored:
+                if held is not None:
+                    break
+                if (h := hold(d, other, other_levels)) in _CONTRADICTIONS:
+                    held = h
         if held is not None:
             grade = Grade.POSSIBLE
         return Candidate(person_id, grade, weight, self.probability(weight), basis, levels, held)
@@ -300,25 +298,46 @@ class Matcher:
                 probabilistic.append(c)
         certain.sort(key=lambda c: (-c.weight, c.person_id))
         probabilistic.sort(key=lambda c: (-c.weight, c.person_id))
-        return certain + self._clear_winner(probabilistic), conflicted
+        return certain + self._clear_winner(probabilistic, index, exclude), conflicted
 
-    def _clear_winner(self, ranked: list[Candidate]) -> list[Candidate]:
+    def _clear_winner(
+        self, ranked: list[Candidate], index: PersonIndex, exclude: RecordKey | None
+    ) -> list[Candidate]:
         """Probable candidates within ``ambiguity_margin`` of the best are all held back to
-        possible when there is more than one: a link needs a clear winner."""
+        possible when there is more than one that the best could not itself be linked to
+        (a father and son: yes; one person the index holds twice: no): a link needs a
+        clear winner."""
         probable = [c for c in ranked if c.grade is Grade.PROBABLE]
         if len(probable) < 2 or not self.config.hard_negatives:
             return ranked
-        close = {
+        best = probable[0]
+        rivals = {
             c.person_id
-            for c in probable
-            if c.weight >= probable[0].weight - self.config.ambiguity_margin
+            for c in probable[1:]
+            if c.weight >= best.weight - self.config.ambiguity_margin
+            and not self._same_person(index, best.person_id, c.person_id, exclude)
         }
-        if len(close) < 2:
+        if not rivals:
             return ranked
+        close = rivals | {best.person_id}
         return [
             replace(c, grade=Grade.POSSIBLE, hold=Hold.AMBIGUOUS) if c.person_id in close else c
             for c in ranked
         ]
+
+    def _same_person(self, index: PersonIndex, a: str, b: str, exclude: RecordKey | None) -> bool:
+        """Would person ``b``'s best record be linked to person ``a`` (above the upper
+        threshold, no hard-negative rule between any of their records)?"""
+        records_a = [r.demographics for r in index.records_of(a) if r.key != exclude]
+        records_b = [r.demographics for r in index.records_of(b) if r.key != exclude]
+        best = -math.inf
+        for x in records_a:
+            for y in records_b:
+                weight, levels = self.weigh(x, y)
+                if hold(x, y, levels) in _CONTRADICTIONS:
+                    return False
+                best = max(best, weight)
+        return best >= self.config.upper
 
     def decide(
         self, d: Demographics, index: PersonIndex, exclude: RecordKey | None = None

@@ -298,6 +298,7 @@ def normalise_address_line(text: str | None) -> str | None:
     return " ".join(tokens) if tokens else None
 
 
+@lru_cache(maxsize=65_536)
 def split_house_number(line: str) -> tuple[str, str]:
     """('12a', 'station rd') from '12a station rd'; ('', line) when there is no number."""
     head, _, rest = line.partition(" ")

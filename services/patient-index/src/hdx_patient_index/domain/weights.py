@@ -141,6 +141,16 @@ class MatchWeights:
 
     table: Mapping[Field, Mapping[Level, float]]
     term_frequencies: Mapping[Field, TermFrequencies] = field(default_factory=dict)
+    # Every (field, level) → weight, MISSING and unlisted levels included: the hot path.
+    _flat: dict[tuple[Field, Level], float] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        flat = self._flat
+        for f in self.table:
+            for level in Level:
+                flat[(f, level)] = self.weight(f, level)
 
     @classmethod
     def from_probabilities(
@@ -165,7 +175,8 @@ class MatchWeights:
         return levels.get(level, levels.get(Level.DISAGREE, 0.0))
 
     def total(self, levels: Mapping[Field, Level]) -> float:
-        return sum(self.weight(f, lv) for f, lv in levels.items())
+        flat = self._flat
+        return sum(flat.get(item, 0.0) for item in levels.items())
 
     def score(self, a: Demographics, levels: Mapping[Field, Level]) -> float:
         """The pair's weight: ``total`` with exact name agreements weighed by how common
@@ -173,7 +184,7 @@ class MatchWeights:
         total = self.total(levels)
         for f, tf in self.term_frequencies.items():
             if levels.get(f) is Level.EXACT and (value := TERM_VALUES[f](a)) is not None:
-                total += tf.weight(value) - self.weight(f, Level.EXACT)
+                total += tf.weight(value) - self._flat.get((f, Level.EXACT), 0.0)
         return total
 
 

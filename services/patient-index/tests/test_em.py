@@ -1,0 +1,256 @@
+"""Expectation–maximisation of the Fellegi–Sunter m and u probabilities (domain/em.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import date, timedelta
+
+import pytest
+
+from hdx_patient_index.domain.comparators import Field, Level
+from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.em import (
+    ExpectationMaximisation,
+    MatchModel,
+    blocked_pairs,
+    estimate_model,
+    estimate_u,
+    exact_agreement,
+    random_pairs,
+    term_frequencies,
+    with_exact,
+)
+from hdx_patient_index.domain.weights import PRIOR_PROBABILITIES, WeightEstimator
+
+F, L = Field, Level
+Table = dict[Field, dict[Level, tuple[float, float]]]
+
+
+def sample(
+    truth: Table, match_proportion: float, n: int, seed: int, missing: float = 0.0
+) -> list[dict[Field, Level]]:
+    """Comparison vectors drawn from a known two-class model (fields independent)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        is_match = rng.random() < match_proportion
+        vector = {}
+        for f, levels in truth.items():
+            if rng.random() < missing:
+                vector[f] = L.MISSING
+                continue
+            names = list(levels)
+            weights = [levels[lv][0 if is_match else 1] for lv in names]
+            vector[f] = rng.choices(names, weights)[0]
+        out.append(vector)
+    return out
+
+
+TRUTH_A: Table = {
+    F.FAMILY: {L.EXACT: (0.85, 0.01), L.FUZZY_HIGH: (0.10, 0.04), L.DISAGREE: (0.05, 0.95)},
+    F.GIVEN: {L.EXACT: (0.80, 0.02), L.NICKNAME: (0.10, 0.01), L.DISAGREE: (0.10, 0.97)},
+    F.BIRTH_DATE: {
+        L.EXACT: (0.90, 0.001),
+        L.ONE_DIGIT: (0.06, 0.02),
+        L.DISAGREE: (0.04, 0.979),
+    },
+    F.ADDRESS: {L.EXACT: (0.60, 0.005), L.DISAGREE: (0.40, 0.995)},
+}
+# Noisier data: more typos among matches, more chance agreement among non-matches.
+TRUTH_B: Table = {
+    F.FAMILY: {L.EXACT: (0.70, 0.05), L.FUZZY_HIGH: (0.20, 0.10), L.DISAGREE: (0.10, 0.85)},
+    F.GIVEN: {L.EXACT: (0.65, 0.05), L.NICKNAME: (0.20, 0.05), L.DISAGREE: (0.15, 0.90)},
+    F.BIRTH_DATE: {L.EXACT: (0.75, 0.01), L.ONE_DIGIT: (0.15, 0.05), L.DISAGREE: (0.10, 0.94)},
+    F.ADDRESS: {L.EXACT: (0.50, 0.02), L.DISAGREE: (0.50, 0.98)},
+}
+
+
+def flat_start(truth: Table) -> Table:
+    """A deliberately uninformed start for m (uniform over levels), u at its truth — what
+    estimate_model does: u from random pairs, m learnt."""
+    return {f: {lv: (1 / len(ls), ls[lv][1]) for lv in ls} for f, ls in truth.items()}
+
+
+# (truth, match proportion among the pairs, missing share, m tolerance)
+CONVERGENCE_CASES = [
+    ("clean, 30 % matches", TRUTH_A, 0.30, 0.0, 0.02),
+    ("clean, 5 % matches", TRUTH_A, 0.05, 0.0, 0.03),
+    ("noisy, 50 % matches", TRUTH_B, 0.50, 0.0, 0.03),
+    ("noisy, 20 % matches, 15 % missing", TRUTH_B, 0.20, 0.15, 0.04),
+]
+
+
+@pytest.mark.parametrize(
+    ("truth", "lam", "missing", "tolerance"),
+    [c[1:] for c in CONVERGENCE_CASES],
+    ids=[c[0] for c in CONVERGENCE_CASES],
+)
+def test_em_recovers_m_and_the_match_proportion(
+    truth: Table, lam: float, missing: float, tolerance: float
+) -> None:
+    vectors = sample(truth, lam, 20_000, seed=7, missing=missing)
+    result = ExpectationMaximisation(m_prior_pairs=1.0).fit(vectors, flat_start(truth))
+    assert result.converged and result.iterations < 200
+    assert result.match_proportion == pytest.approx(lam, abs=0.02)
+    for f, levels in truth.items():
+        for level, (m, u) in levels.items():
+            got_m, got_u = result.probabilities[f][level]
+            assert got_m == pytest.approx(m, abs=tolerance), (f, level)
+            assert got_u == u  # held fixed
+
+
+def test_em_can_estimate_u_too() -> None:
+    vectors = sample(TRUTH_A, 0.3, 20_000, seed=11)
+    start = {
+        f: {
+            lv: (min(0.9, m * 1.2) if lv is L.EXACT else m, u * 2 if lv is L.EXACT else u)
+            for lv, (m, u) in ls.items()
+        }
+        for f, ls in TRUTH_A.items()
+    }
+    result = ExpectationMaximisation(estimate_u=True, m_prior_pairs=1, u_prior_pairs=1).fit(
+        vectors, start
+    )
+    assert result.converged
+    for f, levels in TRUTH_A.items():
+        for level, (m, u) in levels.items():
+            got_m, got_u = result.probabilities[f][level]
+            assert got_m == pytest.approx(m, abs=0.03)
+            assert got_u == pytest.approx(u, abs=0.01)
+
+
+def test_em_is_a_weight_estimator_and_its_log_likelihood_rises() -> None:
+    estimator: WeightEstimator = ExpectationMaximisation()
+    vectors = sample(TRUTH_B, 0.4, 5_000, seed=3)
+    table = estimator.estimate(vectors, flat_start(TRUTH_B))
+    assert set(table) == set(TRUTH_B)
+    one = ExpectationMaximisation(max_iterations=1).fit(vectors, flat_start(TRUTH_B))
+    many = ExpectationMaximisation().fit(vectors, flat_start(TRUTH_B))
+    assert many.log_likelihood > one.log_likelihood
+    assert not one.converged
+
+
+def test_levels_the_table_does_not_list_count_as_disagree_and_missing_as_nothing() -> None:
+    start: Table = {F.FAMILY: {L.EXACT: (0.5, 0.1), L.DISAGREE: (0.5, 0.9)}}
+    vectors = [{F.FAMILY: L.PHONETIC}] * 50 + [{F.FAMILY: L.MISSING}] * 1_000
+    result = ExpectationMaximisation(m_prior_pairs=0.0).fit(vectors, start)
+    assert result.pairs == 1_050
+    m_disagree = result.probabilities[F.FAMILY][L.DISAGREE][0]
+    assert m_disagree == pytest.approx(1.0)  # every non-missing value was a disagreement
+
+
+def test_conditioned_fields_are_left_out_and_keep_their_start() -> None:
+    """Pairs blocked on the birth date all agree on it; left in, its tiny random-pair u
+    would make every pair look like a match."""
+    truth: Table = {f: ls for f, ls in TRUTH_A.items() if f is not F.BIRTH_DATE}
+    vectors = [v | {F.BIRTH_DATE: L.EXACT} for v in sample(truth, 0.3, 10_000, seed=5)]
+    start = flat_start(TRUTH_A)
+    result = ExpectationMaximisation().fit(vectors, start, conditioned=frozenset({F.BIRTH_DATE}))
+    assert result.probabilities[F.BIRTH_DATE] == start[F.BIRTH_DATE]
+    assert result.match_proportion == pytest.approx(0.3, abs=0.03)
+    naive = ExpectationMaximisation().fit(vectors, start)
+    assert naive.match_proportion > 0.9
+
+
+def test_priors_keep_levels_the_data_never_shows_above_zero() -> None:
+    u = estimate_u([{F.FAMILY: L.DISAGREE}] * 10_000)
+    assert all(p > 0 for levels in u.values() for p in levels.values())
+    assert u[F.FAMILY][L.EXACT] == pytest.approx(1_000 * 0.004 / 11_000, rel=0.01)
+    assert sum(u[F.FAMILY].values()) == pytest.approx(1.0)
+
+
+def test_random_pairs_are_distinct_ordered_and_seeded() -> None:
+    pairs = random_pairs(50, 500, random.Random(1))
+    assert len(pairs) == len(set(pairs)) == 500
+    assert all(i < j for i, j in pairs)
+    assert pairs == random_pairs(50, 500, random.Random(1))
+    assert len(random_pairs(4, 100, random.Random(1))) == 6  # all there are
+
+
+def _people(n: int, seed: int) -> list[Demographics]:
+    """Small records with duplicates: each person once or twice, sometimes with a typo."""
+    rng = random.Random(seed)
+    families = ["smith", "jones", "patel", "lovelace", "hopper", "turing", "noether", "curie"]
+    givens = ["ada", "grace", "alan", "emmy", "marie", "john", "mary", "james", "sam"]
+    out: list[Demographics] = []
+    for i in range(n):
+        family = f"{rng.choice(families)}{rng.choice(['', 'son', 'ley', 'ton', 'field'])}"
+        given = rng.choice(givens)
+        born = date(1930, 1, 1) + timedelta(days=rng.randrange(30_000))
+        postcode = f"LS{rng.randrange(1, 30)}{rng.randrange(1, 9)}AB"
+        person = Demographics(
+            family=family,
+            given=(given,),
+            birth_date=born,
+            birth_year=born.year,
+            gender=rng.choice(["male", "female"]),
+            postcodes=(postcode,),
+            addresses=(f"{i % 200 + 1} station rd",),
+        )
+        out.append(person)
+        if rng.random() < 0.5:
+            typo = family[:-1] if rng.random() < 0.3 else family
+            out.append(
+                Demographics(
+                    family=typo,
+                    given=person.given,
+                    birth_date=born,
+                    birth_year=born.year,
+                    gender=person.gender,
+                    postcodes=person.postcodes,
+                )
+            )
+    return out
+
+
+def test_a_model_from_records_alone_is_sane_reproducible_and_round_trips() -> None:
+    records = _people(600, seed=2)
+    model = estimate_model(records, seed=9, n_random_pairs=5_000)
+    assert [s["converged"] for s in model.training["sessions"]] == [True, True]
+    weights = model.weights(term_frequencies=False)
+    for f in (F.FAMILY, F.GIVEN, F.BIRTH_DATE):
+        assert weights.weight(f, L.EXACT) > 0 > weights.weight(f, L.DISAGREE), f
+    assert all(math.isfinite(w) for ls in weights.table.values() for w in ls.values())
+    again = estimate_model(records, seed=9, n_random_pairs=5_000)
+    assert again.dumps() == model.dumps()
+    loaded = MatchModel.loads(model.dumps())
+    assert loaded == model
+    assert loaded.weights() == model.weights()
+    assert F.FAMILY in model.term_frequencies
+
+
+def test_a_model_file_of_another_version_is_refused() -> None:
+    doc = estimate_model(_people(100, seed=1), n_random_pairs=500).to_json()
+    doc["version"] = 99
+    with pytest.raises(ValueError, match="version"):
+        MatchModel.from_json(doc)
+
+
+def test_blocked_pairs_share_a_key_of_the_prefix() -> None:
+    a = Demographics(family="smith", given=("ada",), birth_date=date(1990, 1, 2), birth_year=1990)
+    b = Demographics(family="jones", given=("bob",), birth_date=date(1990, 1, 2), birth_year=1990)
+    c = Demographics(family="smith", given=("ada",), birth_date=date(1970, 5, 6), birth_year=1970)
+    assert blocked_pairs([a, b, c], "d:") == [(0, 1)]
+    assert blocked_pairs([a, b, c], "n:") == [(0, 2)]
+    assert blocked_pairs([a, b, c], "d:", max_block=1) == []
+
+
+def test_term_frequencies_count_shares_and_floor_the_rest() -> None:
+    records = [Demographics(family="smith")] * 3 + [Demographics(family="lovelace")]
+    tf = term_frequencies(records, {F.FAMILY: 0.9})[F.FAMILY]
+    assert tf.shares == {"smith": 0.75}
+    assert tf.floor == 0.25
+    assert tf.weight("smith") < tf.weight("lovelace") == tf.weight("never-seen")
+    assert PRIOR_PROBABILITIES[F.FAMILY][L.EXACT][0] == pytest.approx(0.88)
+
+
+def test_exact_agreement_is_counted_from_the_values() -> None:
+    records = [Demographics(family="smith")] * 3 + [
+        Demographics(family="jones"),
+        Demographics(family=None),
+    ]
+    # 3·2 ordered pairs of smiths among 4·3 ordered pairs of records with a family name.
+    assert exact_agreement(records)[F.FAMILY] == pytest.approx(6 / 12)
+    u = with_exact({F.FAMILY: {L.EXACT: 0.1, L.FUZZY_HIGH: 0.3, L.DISAGREE: 0.6}}, {F.FAMILY: 0.5})
+    assert u[F.FAMILY] == pytest.approx({L.EXACT: 0.5, L.FUZZY_HIGH: 0.5 / 3, L.DISAGREE: 1 / 3})
