@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,13 +38,16 @@ def _settings() -> HdxSettings:
 def run(
     data_dir: Annotated[Path, typer.Option(help="SQLite files and logs go here")] = Path("data"),
     broker_port: Annotated[int, typer.Option(help="embedded broker port")] = 9092,
+    http_port_base: Annotated[
+        int, typer.Option(help="patient-index's HTTP port; consent and exchange take the next")
+    ] = 8001,
     seed: Annotated[
         bool, typer.Option(help="load the demo publishers, consents and subscription")
     ] = True,
     demo_dir: Annotated[Path, typer.Option(help="where the demo seed lives")] = DEMO_DIR,
 ) -> None:
     """Start the embedded broker and all three services; Ctrl-C stops everything."""
-    ports = {s.name: s.default_port for s in SERVICES} | {"broker": broker_port}
+    ports = {s.name: http_port_base + i for i, s in enumerate(SERVICES)} | {"broker": broker_port}
     stack = LocalStack(data_dir=data_dir, ports=ports)
     with console.status("starting the broker and the services…"):
         stack.start()
@@ -52,17 +55,26 @@ def run(
         if seed:
             seed_demo(stack.url("exchange"), stack.url("consent"), demo_dir)
         _print_stack(stack, seeded=seed)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        while not stop.wait(1.0):
+        stop = _stop_on_signals()
+        while not stop:
+            time.sleep(0.5)
             for name, proc in stack.services.items():
                 if proc.process and proc.process.poll() is not None:
                     console.print(f"[red]{name} exited[/red]; its log:\n{proc.tail()}")
-                    stop.set()
+                    stop.append(signal.SIGTERM)
     finally:
         console.print("stopping…")
         stack.stop()
+
+
+def _stop_on_signals() -> list[int]:
+    """A list that SIGINT/SIGTERM append to. A signal handler must not take locks (a
+    threading.Event would deadlock when a second signal arrives while the main thread
+    waits on it); appending to a list is safe."""
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return received
 
 
 def seed_demo(exchange_url: str, consent_url: str, demo_dir: Path = DEMO_DIR) -> None:
@@ -299,10 +311,9 @@ def broker(port: Annotated[int, typer.Option()] = 9092) -> None:
     """Run only the embedded Kafka-protocol broker (Tansu, memory storage)."""
     with EmbeddedBroker(port=port) as b:
         console.print(f"embedded broker on {b.bootstrap_servers}; Ctrl-C stops it")
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
+        stop = _stop_on_signals()
+        while not stop:
+            time.sleep(0.5)
 
 
 def main() -> None:

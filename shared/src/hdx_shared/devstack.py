@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,6 +130,15 @@ class LocalStack:
 
     def start(self, ready_timeout: float = 60.0) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        busy = [
+            f"{name} (port {port})"
+            for name, port in self.ports.items()
+            if port and not (name == "broker" and self.bootstrap_servers) and not _port_free(port)
+        ]
+        if busy:
+            # Else a service would fail to bind and the readiness probe would find whatever
+            # already answers there — another HDX, most likely.
+            raise ServiceStartError(f"ports in use: {', '.join(busy)}; is HDX already running?")
         if not self.bootstrap_servers:
             self.broker = EmbeddedBroker(
                 port=self.ports.get("broker", 0), log_path=self.data_dir / "logs" / "broker.log"
@@ -178,6 +188,15 @@ class LocalStack:
             proc.stop()
         if self.broker:
             self.broker.stop()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @contextmanager
