@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent bench-mpi clean
+.PHONY: help install run test test-reliability test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent bench-mpi clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,6 +23,9 @@ run: install ## Run HDX: embedded broker, SQLite under data/, all three services
 
 test: install ## Run the whole suite, flow tests on a real broker included
 	$(BIN)/pytest
+
+test-reliability: install ## The long crash (SIGKILLs) and broker-restart runs, figures → bench/results/
+	$(BIN)/pytest tests/reliability -m soak -s
 
 test-fast: install ## Unit tests only (no broker, no database)
 	$(BIN)/pytest -m "not broker and not postgres"

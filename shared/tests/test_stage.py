@@ -42,7 +42,7 @@ async def _read(bootstrap: str, topic: str, count: int, wait_s: float = 30) -> l
     return out
 
 
-async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes]):  # type: ignore[no-untyped-def]
+async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes], partitions: int = 1):  # type: ignore[no-untyped-def]
     tag = uuid.uuid4().hex[:8]
     topics = Topics(prefix=f"t{tag}.")
     src, dst = f"t{tag}.in", f"t{tag}.out"
@@ -54,12 +54,14 @@ async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes]):  # ty
     )
     await ensure_topics(
         settings,
-        [TopicSpec(src, 1), TopicSpec(dst, 1), TopicSpec(topics.deadletter, 1)],
+        [TopicSpec(src, partitions), TopicSpec(dst, 1), TopicSpec(topics.deadletter, 1)],
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
     await producer.start()
-    for v in values:
-        await producer.send_and_wait(src, v, headers=[("ce_id", v), ("ce_source", b"test")])
+    for i, v in enumerate(values):
+        await producer.send_and_wait(
+            src, v, partition=i % partitions, headers=[("ce_id", v), ("ce_source", b"test")]
+        )
     await producer.stop()
     broker = make_broker(settings)
     health = add_stage(
@@ -104,11 +106,13 @@ async def test_a_poison_message_is_dead_lettered_and_the_partition_moves_on(
             raise ValueError("cannot digest this")
         return [Outgoing(dst, m.value) for m in batch]
 
-    values = [b"a", b"b", b"poison", b"c", b"d"]
-    broker, health, dst, topics = await _run_stage(kafka, poisoned, values)
+    # Across partitions: a redelivered batch may start on another partition, and the
+    # poison must still be counted and dead-lettered.
+    values = [b"a", b"b", b"poison", b"c", b"d", b"e", b"f"]
+    broker, health, dst, topics = await _run_stage(kafka, poisoned, values, partitions=3)
     try:
-        got = await _read(kafka.bootstrap_servers, dst, 4)
-        assert sorted(got) == [b"a", b"b", b"c", b"d"]
+        got = await _read(kafka.bootstrap_servers, dst, 6)
+        assert sorted(got) == [b"a", b"b", b"c", b"d", b"e", b"f"]
         dead = await _read(kafka.bootstrap_servers, topics.deadletter, 1)
         assert dead == [b"poison"]
         assert health.dead_lettered == 1

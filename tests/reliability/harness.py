@@ -21,7 +21,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 from confluent_kafka import TopicPartition as TP
 
 from hdx_consent.examples import consent, provision
-from hdx_shared.devstack import LocalStack
+from hdx_shared.devstack import SERVICES, LocalStack, ServiceProcess
+from hdx_shared.embedded_broker import free_port
 from hdx_shared.envelope import derive_event_id
 from hdx_shared.topics import Topics
 from tests.support import NHS, subscription_resource
@@ -90,19 +91,6 @@ def assert_alive(stack: LocalStack, expected_pids: Mapping[str, int]) -> None:
 def readyz(stack: LocalStack, service: str) -> tuple[int, dict[str, Any]]:
     r = httpx.get(f"{stack.url(service)}/readyz", timeout=5)
     return r.status_code, dict(r.json())
-
-
-def register_publisher(stack: LocalStack, source: str) -> None:
-    r = httpx.post(
-        f"{stack.url('exchange')}/admin/publishers",
-        timeout=10,
-        json={
-            "source": source,
-            "name": source,
-            "patient_identifier_system": f"{source}/patient-id",
-        },
-    )
-    assert r.status_code == 201, r.text
 
 
 @dataclass(frozen=True)
@@ -191,26 +179,47 @@ class BulkPublisher:
         key: str | bytes | None,
         headers: Sequence[tuple[str, bytes]],
         topic: str | None = None,
+        partition: int | None = None,
     ) -> None:
         while True:
             try:
-                self.producer.produce(
-                    topic or self.topic,
-                    value=value,
-                    key=key,
-                    headers=list(headers),
-                    on_delivery=self._report,
-                )
+                if partition is None:
+                    self.producer.produce(
+                        topic or self.topic,
+                        value=value,
+                        key=key,
+                        headers=list(headers),
+                        on_delivery=self._report,
+                    )
+                else:
+                    self.producer.produce(
+                        topic or self.topic,
+                        value=value,
+                        key=key,
+                        headers=list(headers),
+                        on_delivery=self._report,
+                        partition=partition,
+                    )
                 break
             except BufferError:  # the local queue is full: let it drain
                 self.producer.poll(0.05)
         self.producer.poll(0)
         self.sent += 1
 
-    def resource(self, source: str, resource: Mapping[str, Any], ce_id: str) -> str:
+    def resource(
+        self,
+        source: str,
+        resource: Mapping[str, Any],
+        ce_id: str,
+        *,
+        partition: int | None = None,
+    ) -> str:
         """Publish a FHIR resource as `source`; the event id the exchange derives from it."""
         self.send(
-            orjson.dumps(resource), key=key_of(source, resource), headers=ce_headers(source, ce_id)
+            orjson.dumps(resource),
+            key=key_of(source, resource),
+            headers=ce_headers(source, ce_id),
+            partition=partition,
         )
         return derive_event_id(source, ce_id, "0")
 
@@ -234,6 +243,15 @@ class Rec:
 
     def json(self) -> Any:
         return orjson.loads(self.value)
+
+
+def _decoded_headers(msg: Message) -> dict[str, str]:
+    raw: Any = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        out[str(k)] = v.decode(errors="replace") if isinstance(v, bytes) else str(v or "")
+    return out
 
 
 def _consumer(bootstrap: str, group: str | None = None) -> Consumer:
@@ -294,7 +312,7 @@ class TopicTail:
         for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
             if msg.error():
                 continue
-            headers = {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+            headers = _decoded_headers(msg)
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             self.records.append(
@@ -429,3 +447,57 @@ class FeedCheck:
         for n in self.numbers.values():
             seen[n] = seen.get(n, 0) + 1
         return sorted(n for n, c in seen.items() if c > 1)
+
+
+def restart_services(stack: LocalStack, *, ready_timeout: float = 120.0) -> None:
+    """Stop every service, then start them all again and wait until each is ready."""
+    for proc in reversed(list(stack.services.values())):
+        proc.stop()
+    for proc in stack.services.values():
+        proc.start()
+    for proc in stack.services.values():
+        proc.wait_ready(ready_timeout)
+
+
+def start_exchange_only(
+    bootstrap: str, data_dir: Path, prefix: str, *, idempotence: bool, **more: str
+) -> ServiceProcess:
+    """Only the exchange (its ingress is what some tests need), as its own process, under its
+    own prefix: quicker than a whole stack, and a test that wedges it harms no other."""
+    spec = next(s for s in SERVICES if s.name == "exchange")
+    port = free_port()
+    env = {
+        **os.environ,
+        "HDX_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "HDX_HTTP_PORT": str(port),
+        "HDX_DATA_DIR": str(data_dir),
+        "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        **stack_env(prefix, idempotence=idempotence, **more),
+    }
+    proc = ServiceProcess(spec, port, env, data_dir / "logs" / "exchange.log")
+    proc.start()
+    try:
+        proc.wait_ready(90)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def validated_partition(key: str, partitions: int = 6) -> int:
+    """The partition the exchange's producer (aiokafka's default partitioner) gives a key."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    parts = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), parts, parts))
+
+
+def log_events(path: Path) -> list[str]:
+    """The `event` of every JSON log line a service wrote (HDX_LOG_JSON=true)."""
+    out: list[str] = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(str(json.loads(line).get("event", "")))
+        except ValueError:
+            continue
+    return out

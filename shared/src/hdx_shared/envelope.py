@@ -97,7 +97,9 @@ class Envelope:
             patient_ref=h.pop(Header.PATIENT_REF, None),
             person=h.pop(Header.PERSON, None),
             person_identifiers=tuple(idents.split()) if idents else (),
-            received_at_ms=int(received) if received and received.isdigit() else None,
+            received_at_ms=int(received)
+            if received and received.isascii() and received.isdigit()
+            else None,
             extra=h,
         )
 

@@ -10,6 +10,7 @@ the bytes on; nothing re-serialises a model on the hot path.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from hdx_shared.fhir_json_types import check_types, element_specs
 
 FHIR_VERSION = "4.0.1"
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 FHIR_JSON = "application/fhir+json"
 
 
@@ -213,7 +215,7 @@ def _check_codes(doc: dict[str, Any], where: str) -> list[Issue]:
         if t != rtype or not allowed or element not in doc:
             continue
         value = doc[element]
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             issues.append(
                 Issue(
                     f"{t}.{element} '{value}' is not one of {', '.join(sorted(allowed))}",
@@ -255,6 +257,20 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
         )
     model = model_class(rtype)
     issues = _check_codes(doc, where)
+    rid = doc.get("id")
+    if rid is not None and not (isinstance(rid, str) and FHIR_ID.fullmatch(rid)):
+        issues.append(
+            Issue(
+                f"id '{str(rid)[:80]}' is not a FHIR id ([A-Za-z0-9-.], 1 to 64)",
+                code="value",
+                expression=f"{where}id",
+            )
+        )
+    if rtype == "Bundle" and not isinstance(doc.get("entry", []), list):
+        issues.append(
+            Issue("Bundle.entry must be an array", code="structure", expression=f"{where}entry")
+        )
+        raise FhirError("invalid-resource", issues)
     if rtype == "Bundle":
         # Entries are checked one by one, each resource against its own type; the Bundle
         # model itself only sees its shell.
@@ -309,10 +325,8 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
 def decode_resource(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     """Parse and validate FHIR JSON bytes; the dict, or FhirError with an OperationOutcome."""
     doc = parse_json(raw, limits)
-    if (
-        doc.get("resourceType") == "Bundle"
-        and len(doc.get("entry", ())) > limits.max_bundle_entries
-    ):
+    entries = doc.get("entry") if doc.get("resourceType") == "Bundle" else None
+    if isinstance(entries, list) and len(entries) > limits.max_bundle_entries:
         raise FhirError(
             "too-large",
             [

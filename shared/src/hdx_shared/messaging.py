@@ -342,8 +342,54 @@ class StageHealth:
 
 @dataclass
 class _Attempts:
-    key: tuple[tuple[str, int, int], ...] = ()
-    count: int = 0
+    """How often each record was in a failed batch."""
+
+    counts: dict[tuple[str, int, int], int] = field(default_factory=dict)
+
+    def failed(self, batch: Sequence[Inbound]) -> int:
+        if len(self.counts) > 100_000:  # bounded: old entries are of batches long done
+            self.counts.clear()
+        worst = 0
+        for m in batch:
+            key = (m.topic, m.partition, m.offset)
+            self.counts[key] = n = self.counts.get(key, 0) + 1
+            worst = max(worst, n)
+        return worst
+
+    def forget(self, batch: Sequence[Inbound]) -> None:
+        for m in batch:
+            self.counts.pop((m.topic, m.partition, m.offset), None)
+
+
+def _clean_headers(headers: Any) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for k, v in headers or ():
+        value = v if isinstance(v, bytes) else b""
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            value = value.decode(errors="replace").encode()
+        out.append((k, value))
+    return out
+
+
+async def _tolerant_parser(message: Any, original: Callable[[Any], Awaitable[Any]]) -> Any:
+    """faststream decodes every header value as UTF-8 before a stage sees the batch; one
+    publisher's binary (or null) header value would end the subscriber. Such values are
+    made readable (U+FFFD) first; the payload is untouched."""
+    records = message if isinstance(message, tuple) else (message,)
+    if any(v is None or not _utf8(v) for r in records for _k, v in (r.headers or ())):
+        records = tuple(replace(r, headers=_clean_headers(r.headers)) for r in records)
+        message = records if isinstance(message, tuple) else records[0]
+    return await original(message)
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def add_stage(
@@ -388,18 +434,17 @@ def add_stage(
             await asyncio.sleep(delay)
             raise
         except Exception:
-            key = tuple((m.topic, m.partition, m.offset) for m in batch[:1])
-            if attempts.key != key:
-                attempts.key, attempts.count = key, 0
-            attempts.count += 1
-            if attempts.count < settings.max_delivery_attempts:
-                log.exception(
-                    "stage %s failed on %s (attempt %d)", name, batch[0].origin, attempts.count
-                )
-                await asyncio.sleep(min(0.1 * 2**attempts.count, 2.0))
+            # Counted per record: a redelivered batch may start on another partition.
+            count = attempts.failed(batch)
+            if count < settings.max_delivery_attempts:
+                log.exception("stage %s failed on %s (attempt %d)", name, batch[0].origin, count)
+                await asyncio.sleep(min(0.1 * 2**count, 2.0))
                 raise
             out = await _isolate_poison(batch, handler, topics, health, name)
+            attempts.forget(batch)
         await publish_all(broker, out)
+        if attempts.counts:
+            attempts.forget(batch)
         unavailable_backoff[0] = 0.0
         STAGE_WAITING.labels(name).set(0)
         health.ready, health.reason = True, "ok"
@@ -416,6 +461,7 @@ def add_stage(
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        parser=_tolerant_parser,
         title=name,
     )(consume)
     return health

@@ -21,11 +21,15 @@ from hdx_exchange.domain.notification import build_notification
 from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscriptions
 from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.envelope import ChangeType, Header
-from hdx_shared.fhir import FhirError, Limits
+from hdx_shared.fhir import FhirError, Issue, Limits
 from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
+MISSING_EVENT_ID = FhirError(
+    "missing-event-id",
+    [Issue("the ce_id header (the publisher's event id) is required", code="required")],
+)
 # Above this size a message is validated on a worker thread, so heartbeats never stall.
 OFFLOAD_BYTES = 256 * 1024
 
@@ -68,6 +72,11 @@ class ExchangePipeline:
         out: list[Outgoing] = []
         owners: list[tuple[str, str, str, str]] = []
         for m in batch:
+            if not m.envelope.event_id:
+                # Without the publisher's id a re-sent message would be a new event, and a
+                # subscriber would get it twice under two numbers.
+                out.append(dead_letter_for(self.topics, m, MISSING_EVENT_ID))
+                continue
             try:
                 if len(m.value) > OFFLOAD_BYTES:
                     accepted = await asyncio.to_thread(

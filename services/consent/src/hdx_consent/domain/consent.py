@@ -411,7 +411,7 @@ class _Parser:
 def _version(doc: Mapping[str, Any]) -> int:
     meta = doc.get("meta")
     vid = meta.get("versionId") if isinstance(meta, Mapping) else None
-    return int(vid) if isinstance(vid, str) and vid.isdigit() else 0
+    return int(vid) if isinstance(vid, str) and vid.isascii() and vid.isdigit() else 0
 
 
 def parse_consent(

@@ -131,7 +131,11 @@ def _name_parts(name: Mapping[str, Any]) -> tuple[str | None, tuple[str, ...]]:
 
 def parse_birth_date(value: Any) -> tuple[date | None, int | None]:
     """FHIR date (YYYY, YYYY-MM or YYYY-MM-DD) → (full date or None, year or None)."""
-    if not isinstance(value, str) or len(value) < 4 or not value[:4].isdigit():
+    if (
+        not isinstance(value, str)
+        or len(value) < 4
+        or not (value[:4].isascii() and value[:4].isdigit())
+    ):
         return None, None
     year = int(value[:4])
     if len(value) >= 10:

@@ -42,7 +42,7 @@ def nhs_number_valid(value: str) -> bool:
     11 means 0 and 10 means the number is invalid. Ten equal digits pass the arithmetic
     (1111111111) but are placeholders systems type in, never issued: they are refused.
     """
-    if len(value) != 10 or not value.isdigit() or len(set(value)) == 1:
+    if len(value) != 10 or not (value.isascii() and value.isdigit()) or len(set(value)) == 1:
         return False
     total = sum(int(d) * w for d, w in zip(value[:9], range(10, 1, -1), strict=True))
     check = 11 - total % 11

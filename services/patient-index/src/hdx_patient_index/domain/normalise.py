@@ -256,7 +256,7 @@ def normalise_phone(text: str | None) -> str | None:
     """
     if text is None:
         return None
-    digits = "".join(c for c in text if c.isdigit())
+    digits = "".join(c for c in text if c.isascii() and c.isdigit())
     if digits.startswith("00"):
         digits = digits[2:]
     if digits.startswith("44") and len(digits) == 12:
