@@ -72,11 +72,6 @@ class ExchangePipeline:
         out: list[Outgoing] = []
         owners: list[tuple[str, str, str, str]] = []
         for m in batch:
-            if not m.envelope.event_id:
-                # Without the publisher's id a re-sent message would be a new event, and a
-                # subscriber would get it twice under two numbers.
-                out.append(dead_letter_for(self.topics, m, MISSING_EVENT_ID))
-                continue
             try:
                 if len(m.value) > OFFLOAD_BYTES:
                     accepted = await asyncio.to_thread(
@@ -96,6 +91,11 @@ class ExchangePipeline:
                     "dead-lettered %s from %s: %s", m.origin, m.envelope.source or "?", exc.reason
                 )
                 out.append(dead_letter_for(self.topics, m, exc))
+                continue
+            if not m.envelope.event_id:
+                # Valid, but without the publisher's id a re-sent message would be a new
+                # event, and a subscriber would get it twice under two numbers.
+                out.append(dead_letter_for(self.topics, m, MISSING_EVENT_ID))
                 continue
             owners.extend(a.owner for a in accepted if a.owner)
             out.extend(
