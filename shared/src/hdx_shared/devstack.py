@@ -26,13 +26,13 @@ from hdx_shared.embedded_broker import EmbeddedBroker, free_port
 class ServiceSpec:
     name: str  # as in services/<name>
     module: str  # python -m <module>
-    default_port: int
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("patient-index", "hdx_patient_index", 8001),
-    ServiceSpec("consent", "hdx_consent", 8002),
-    ServiceSpec("exchange", "hdx_exchange", 8003),
+    # In this order `hdx run` gives them consecutive ports (8001, 8002, 8003 by default).
+    ServiceSpec("patient-index", "hdx_patient_index"),
+    ServiceSpec("consent", "hdx_consent"),
+    ServiceSpec("exchange", "hdx_exchange"),
 )
 
 
