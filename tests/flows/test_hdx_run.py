@@ -63,7 +63,7 @@ def test_hdx_run_starts_seeds_delivers_and_stops_cleanly(tmp_path: Path) -> None
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # hdx run allows each service 180 s to be ready
         lines: list[str] = []
         assert run.stdout is not None
         while time.monotonic() < deadline:
@@ -112,8 +112,9 @@ def test_hdx_run_starts_seeds_delivers_and_stops_cleanly(tmp_path: Path) -> None
             feed.close()
     finally:
         # Two signals in a row, as a terminal or a supervisor may send: still a clean stop.
-        os.kill(run.pid, signal.SIGTERM)
-        os.kill(run.pid, signal.SIGTERM)
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGTERM)
+            os.kill(run.pid, signal.SIGTERM)
         try:
             run.wait(60)
         finally:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hdx_shared.devstack import SERVICES, LocalStack
+from hdx_shared.devstack import SERVICES, LocalStack, ServiceStartError
 from hdx_shared.embedded_broker import EmbeddedBroker
 from hdx_shared.envelope import CE_SPECVERSION, FHIR_JSON, Header
 from hdx_shared.settings import HdxSettings
@@ -45,12 +45,20 @@ def run(
         bool, typer.Option(help="load the demo publishers, consents and subscription")
     ] = True,
     demo_dir: Annotated[Path, typer.Option(help="where the demo seed lives")] = DEMO_DIR,
+    ready_timeout: Annotated[
+        float, typer.Option(help="seconds each service may take to become ready")
+    ] = 180.0,
 ) -> None:
     """Start the embedded broker and all three services; Ctrl-C stops everything."""
     ports = {s.name: http_port_base + i for i, s in enumerate(SERVICES)} | {"broker": broker_port}
     stack = LocalStack(data_dir=data_dir, ports=ports)
     with console.status("starting the broker and the services…"):
-        stack.start()
+        try:
+            stack.start(ready_timeout=ready_timeout)
+        except ServiceStartError as exc:
+            # What went wrong and the service's own log say more than a traceback.
+            console.print(f"[red]HDX did not start:[/red] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
     try:
         if seed:
             seed_demo(stack.url("exchange"), stack.url("consent"), demo_dir)

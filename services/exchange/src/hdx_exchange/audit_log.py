@@ -19,11 +19,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from hdx_exchange.domain.audit_chain import Anchor, Problem, verify_chain
 from hdx_exchange.store import ExchangeStore
 from hdx_shared.fhir import Issue, operation_outcome
-from hdx_shared.messaging import Inbound, Outgoing, client_config, dead_letter
+from hdx_shared.messaging import Inbound, Outgoing, Unavailable, client_config, dead_letter
 from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
+# How long verification may take to read the newest anchor before it calls the log unverifiable.
+ANCHOR_READ_SECONDS = 15.0
 
 
 def patient_of(event: dict[str, Any]) -> str | None:
@@ -77,42 +79,41 @@ class AuditLog:
         return out
 
     async def latest_anchor(self) -> Anchor | None:
+        """The newest anchor: the last record of each anchors partition, highest seq wins.
+
+        Anchors are appended in chain order, so only each partition's tail matters. A tail
+        that exists but cannot be read in time raises Unavailable: "no anchor" would make a
+        cut-off log look intact.
+        """
         consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_config(self.settings))
         await consumer.start()
         try:
-            parts = [
-                TopicPartition(self.topics.audit_anchors, p)
-                for p in (consumer.partitions_for_topic(self.topics.audit_anchors) or ())
-            ]
-            if not parts:
-                await consumer.stop()
-                consumer = AIOKafkaConsumer(
-                    enable_auto_commit=False, **client_config(self.settings)
-                )
-                await consumer.start()
-                await consumer.topics()  # refresh metadata once
-                parts = [
-                    TopicPartition(self.topics.audit_anchors, p)
-                    for p in (consumer.partitions_for_topic(self.topics.audit_anchors) or ())
-                ]
+            topic = self.topics.audit_anchors
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer.topics()  # metadata for a topic created after we connected
+                partitions = consumer.partitions_for_topic(topic)
+            parts = [TopicPartition(topic, p) for p in partitions or ()]
             if not parts:
                 return None
             consumer.assign(parts)
-            await consumer.seek_to_beginning(*parts)
             ends = await consumer.end_offsets(parts)
+            tails = {tp: ends[tp] - 1 for tp in parts if ends[tp] > 0}
+            for tp, last in tails.items():
+                consumer.seek(tp, last)
             best: Anchor | None = None
-            remaining = {tp for tp in parts if ends[tp] > 0}
-            while remaining:
-                batch = await consumer.getmany(*remaining, timeout_ms=1000)
-                if not batch:
-                    break
+            deadline = asyncio.get_running_loop().time() + ANCHOR_READ_SECONDS
+            while tails:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise Unavailable(f"the audit anchors on {topic} could not be read in time")
+                batch = await consumer.getmany(*tails, timeout_ms=500)
                 for tp, records in batch.items():
                     for r in records:
                         a = orjson.loads(r.value)
                         if best is None or a["seq"] > best.seq:
                             best = Anchor(int(a["seq"]), str(a["hash"]))
-                    if records and records[-1].offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
+                        if r.offset >= tails.get(tp, r.offset + 1):
+                            tails.pop(tp, None)
             return best
         finally:
             await consumer.stop()
