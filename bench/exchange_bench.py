@@ -893,7 +893,9 @@ def machine_state() -> dict[str, Any]:
 
 
 def seed_stack(stack: LocalStack, region: Region) -> dict[str, Any]:
-    seeded = asyncio.run(seed_region(region, stack.url("exchange"), stack.url("consent")))
+    seeded = asyncio.run(
+        seed_region(region, stack.url("exchange"), stack.url("consent"), auth=stack.admin_auth())
+    )
     return {
         "publishers": seeded.publishers,
         "subscriptions": len(seeded.subscriptions),
@@ -997,6 +999,8 @@ def run_hdx(
         "OTEL_TRACES_EXPORTER": "none",
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
+        # Seeding stores a consent per patient as fast as it can, as one (admin) client.
+        "HDX_AUTH_RATE_LIMIT": "100000/second",
     }
     if not args.bootstrap:
         env["HDX_KAFKA_IDEMPOTENCE"] = "false"  # the embedded broker has no InitProducerId

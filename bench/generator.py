@@ -872,15 +872,21 @@ class Seeded:
 
 
 async def seed_region(
-    region: Region, exchange_url: str, consent_url: str, *, concurrency: int = 8
+    region: Region,
+    exchange_url: str,
+    consent_url: str,
+    *,
+    auth: Any = None,
+    concurrency: int = 8,
 ) -> Seeded:
     """Register the region with running services over their HTTP APIs: the publishers and
-    the care providers' Subscriptions (exchange), and the patients' consents (consent)."""
+    the care providers' Subscriptions (exchange), and the patients' consents (consent).
+    `auth`: an httpx auth with the admin scope (e.g. LocalStack.admin_auth())."""
     import httpx
 
     started = time.perf_counter()
     fhir = {"content-type": "application/fhir+json"}
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, auth=auth) as client:
         for body in region.publishers():
             r = await client.post(f"{exchange_url}/admin/publishers", json=body)
             r.raise_for_status()

@@ -1,4 +1,5 @@
-"""Helpers for tests that talk to a real broker: publish like a hospital, read topics."""
+"""Helpers for tests that talk to a real broker: publish like a hospital, read topics, and
+call the services' HTTP APIs with an access token got the way an integrator gets one."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from hdx_shared.auth import ClientCredentials, clients_file_entry
+from hdx_shared.devstack import LocalStack, admin_auth_for, key_file
 
 NHS = "https://fhir.nhs.uk/Id/nhs-number"
 PERSON_SYSTEM = "urn:hdx:person"
@@ -214,10 +219,46 @@ def subscription_resource(
     }
 
 
-def register_publisher(exchange_url: str, source: str) -> None:
-    import httpx
+_CLIENTS: dict[tuple[str, str], httpx.Client] = {}
 
-    r = httpx.post(
+
+def api(target: LocalStack | str) -> httpx.Client:
+    """An HTTP client authenticated as the admin client of a stack (or of an exchange this
+    test run started, given its address), its tokens got as an integrator gets them."""
+    exchange = target.url("exchange") if isinstance(target, LocalStack) else target
+    auth = admin_auth_for(exchange)
+    assert auth is not None, f"no exchange of this test run is at {exchange}"
+    key = (exchange, str(auth.key.kid))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = httpx.Client(timeout=10, auth=auth)
+    return _CLIENTS[key]
+
+
+def admin_headers(target: LocalStack | str) -> dict[str, str]:
+    """An Authorization header with the stack's admin token (for clients other than httpx)."""
+    auth = api(target).auth
+    assert isinstance(auth, ClientCredentials)
+    return auth.headers()
+
+
+def register_client(
+    stack: LocalStack,
+    client_id: str,
+    scope: str,
+    *,
+    source: str | None = None,
+    subscriber: str | None = None,
+) -> ClientCredentials:
+    """Register a client through the admin API with a key made for it; its credentials."""
+    key = key_file(stack.client_key_path(client_id))
+    entry = clients_file_entry(client_id, key, scope, source=source, subscriber=subscriber)
+    r = api(stack).put(f"{stack.url('exchange')}/admin/clients/{client_id}", json=entry)
+    assert r.status_code == 200, r.text
+    return stack.client_auth(client_id)
+
+
+def register_publisher(exchange_url: str, source: str) -> None:
+    r = api(exchange_url).post(
         f"{exchange_url}/admin/publishers",
         timeout=10,
         json={

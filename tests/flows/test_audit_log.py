@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 
@@ -19,6 +18,7 @@ from hdx_shared.embedded_broker import BrokerEndpoint
 from tests.support import (
     NHS,
     Publisher,
+    api,
     nhs_number,
     observation,
     patient,
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def _verify(stack: LocalStack) -> dict:  # type: ignore[type-arg]
-    return dict(httpx.get(f"{stack.url('exchange')}/admin/audit/verify", timeout=60).json())
+    return dict(api(stack).get(f"{stack.url('exchange')}/admin/audit/verify", timeout=60).json())
 
 
 def test_a_patients_trail_is_queryable_and_tampering_is_detected(
@@ -40,7 +40,7 @@ def test_a_patients_trail_is_queryable_and_tampering_is_detected(
     source = f"urn:hdx:org:audited-{tag}"
     ex = stack.url("exchange")
     register_publisher(ex, source)
-    r = httpx.post(
+    r = api(stack).post(
         f"{ex}/fhir/Subscription",
         timeout=10,
         content=orjson.dumps(subscription_resource(f"Organization/audit-home-{tag}")),
@@ -57,16 +57,22 @@ def test_a_patients_trail_is_queryable_and_tampering_is_detected(
     deadline = time.monotonic() + 60
     trail: list[dict] = []  # type: ignore[type-arg]
     while time.monotonic() < deadline:
-        found = httpx.get(
-            f"{stack.url('patient-index')}/fhir/Patient",
-            params={"identifier": f"{NHS}|{nhs}"},
-            timeout=10,
-        ).json()
+        found = (
+            api(stack)
+            .get(
+                f"{stack.url('patient-index')}/fhir/Patient",
+                params={"identifier": f"{NHS}|{nhs}"},
+                timeout=10,
+            )
+            .json()
+        )
         if found.get("entry"):
             person = found["entry"][0]["resource"]["id"]
-            bundle = httpx.get(
-                f"{ex}/fhir/AuditEvent", params={"patient": f"Patient/{person}"}, timeout=10
-            ).json()
+            bundle = (
+                api(stack)
+                .get(f"{ex}/fhir/AuditEvent", params={"patient": f"Patient/{person}"}, timeout=10)
+                .json()
+            )
             trail = [e["resource"] for e in bundle.get("entry", [])]
             if len(trail) >= 3:
                 break
@@ -107,7 +113,10 @@ def test_a_patients_trail_is_queryable_and_tampering_is_detected(
         ]
         hdx = str(Path(sys.executable).with_name("hdx"))
         cli = subprocess.run(
-            [hdx, "audit", "verify", "--exchange", ex],
+            [
+                *(hdx, "audit", "verify", "--exchange", ex),
+                *("--client-id", "hdx-admin", "--key", str(stack.client_key_path("hdx-admin"))),
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -31,6 +31,7 @@ from tests.support import (
     Publisher,
     Record,
     TopicReader,
+    api,
     nhs_number,
     observation,
     patient,
@@ -87,7 +88,7 @@ class Tenant:
     def subscribe(self, name: str, purpose: str = "TREAT") -> Subscriber:
         org = f"{name}-{_tag()}"
         recipient = f"Organization/{org}"
-        r = httpx.post(
+        r = api(self.stack).post(
             f"{self.stack.url('exchange')}/fhir/Subscription",
             content=orjson.dumps(subscription_resource(recipient, "Observation", purpose=purpose)),
             headers=FHIR_JSON,
@@ -118,11 +119,11 @@ class Tenant:
     ) -> dict[str, Any]:
         base = f"{self.stack.url('consent')}/fhir/Consent"
         if consent_id is None:
-            r = httpx.post(base, content=orjson.dumps(doc), headers=FHIR_JSON, timeout=10)
+            r = api(self.stack).post(base, content=orjson.dumps(doc), headers=FHIR_JSON, timeout=10)
             assert r.status_code == 201, r.text
         else:
             headers = {**FHIR_JSON, "if-match": f'W/"{version}"'} if version else FHIR_JSON
-            r = httpx.put(
+            r = api(self.stack).put(
                 f"{base}/{consent_id}",
                 content=orjson.dumps({**doc, "id": consent_id}),
                 headers=headers,

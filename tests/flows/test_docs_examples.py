@@ -11,17 +11,17 @@ import pytest
 
 from hdx_shared.devstack import LocalStack
 from hdx_shared.embedded_broker import BrokerEndpoint
-from tests.support import TopicReader, register_publisher
+from tests.support import TopicReader, register_client, register_publisher
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 DOC = Path(__file__).resolve().parents[2] / "docs" / "publishing.md"
 SOURCE = "urn:hdx:org:st-marys"
 
 
-def _block(language: str) -> str:
+def _block(language: str, index: int = 0) -> str:
     blocks = re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks, f"docs/publishing.md has no {language} example"
-    return str(blocks[0])
+    assert len(blocks) > index, f"docs/publishing.md has no {language} example {index}"
+    return str(blocks[index])
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,39 @@ def test_the_kcat_example_publishes_an_accepted_patient(
             ),
             timeout=60,
             what="the documented Patient, accepted by the exchange",
+        )
+    finally:
+        reader.close()
+
+
+def test_the_fhir_rest_example_publishes_with_a_token(
+    registered: LocalStack, kafka: BrokerEndpoint
+) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed — the example is not run")
+    register_client(registered, "st-marys", "system/Patient.cud", source=SOURCE)
+    key = registered.client_key_path("st-marys")
+    exchange = registered.url("exchange")
+    command = (
+        _block("bash", 1)
+        .replace("data/auth/clients/st-marys.pem", f"{key} --exchange {exchange}")
+        .replace("http://127.0.0.1:8003", exchange)
+    )
+    assert str(key) in command and "Authorization: Bearer $TOKEN" in command
+    reader = TopicReader(kafka.bootstrap_servers, ["hdx.validated"])
+    try:
+        done = subprocess.run(
+            ["bash", "-c", command], timeout=60, cwd=DOC.parents[1], capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "accepted Patient" in done.stdout, done
+        reader.wait_for(
+            lambda r: (
+                r.headers.get("ce_source") == SOURCE
+                and r.headers.get("hdx_resource_type") == "Patient"
+                and b"Lovelace" in r.value
+            ),
+            timeout=60,
+            what="the Patient published over FHIR REST, accepted by the exchange",
         )
     finally:
         reader.close()

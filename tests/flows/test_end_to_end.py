@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -20,6 +19,7 @@ from tests.support import (
     Publisher,
     Record,
     TopicReader,
+    api,
     consent_denying,
     nhs_number,
     observation,
@@ -41,7 +41,7 @@ class Exchange:
 
     def consent_denying_recipient(self, nhs: str) -> None:
         consent = consent_denying(nhs, self.recipient)
-        r = httpx.post(
+        r = api(self.stack).post(
             f"{self.stack.url('consent')}/fhir/Consent",
             content=orjson.dumps(consent),
             headers={"content-type": "application/fhir+json"},
@@ -50,7 +50,7 @@ class Exchange:
         assert r.status_code == 201, r.text
 
     def person_of(self, nhs: str) -> str:
-        r = httpx.get(
+        r = api(self.stack).get(
             f"{self.stack.url('patient-index')}/fhir/Patient",
             params={"identifier": f"{NHS}|{nhs}"},
             timeout=10,
@@ -67,7 +67,7 @@ def exchange(stack: LocalStack, kafka: Broker) -> Exchange:
     source = f"urn:hdx:org:test-hospital-{tag}"
     recipient = f"Organization/test-care-home-{tag}"
     ex = stack.url("exchange")
-    r = httpx.post(
+    r = api(stack).post(
         f"{ex}/admin/publishers",
         timeout=10,
         json={
@@ -97,7 +97,7 @@ def exchange(stack: LocalStack, kafka: Broker) -> Exchange:
         ],
         "channel": {"type": "message", "payload": "application/fhir+json"},
     }
-    r = httpx.post(
+    r = api(stack).post(
         f"{ex}/fhir/Subscription",
         content=orjson.dumps(subscription),
         headers={"content-type": "application/fhir+json"},

@@ -18,6 +18,8 @@ from fhirpy import SyncFHIRClient
 
 from hdx_shared.devstack import LocalStack
 from tests.support import (
+    admin_headers,
+    api,
     nhs_number,
     observation,
     patient,
@@ -112,7 +114,11 @@ def receivers() -> Iterator[list[Receiver]]:
 def _client(stack: LocalStack, source: str) -> SyncFHIRClient:
     return SyncFHIRClient(
         f"{stack.url('exchange')}/fhir",
-        extra_headers={"ce-source": source, "content-type": "application/fhir+json"},
+        extra_headers={
+            "ce-source": source,
+            "content-type": "application/fhir+json",
+            **admin_headers(stack),
+        },
     )
 
 
@@ -167,9 +173,11 @@ def test_rest_publisher_and_rest_hook_subscriber_that_fails_twice_get_everything
     assert receiver.attempts == 5, "two refused attempts, then three deliveries"
     assert receiver.headers[0].get("Authorization") == "Bearer test-token"
 
-    events = httpx.get(
-        f"{stack.url('exchange')}/fhir/Subscription/{sub.id}/$events", timeout=10
-    ).json()
+    events = (
+        api(stack)
+        .get(f"{stack.url('exchange')}/fhir/Subscription/{sub.id}/$events", timeout=10)
+        .json()
+    )
     numbers = [
         p for p in events["entry"][0]["resource"]["parameter"] if p["name"] == "notification-event"
     ]
@@ -182,7 +190,7 @@ def test_rest_publisher_and_rest_hook_subscriber_that_fails_twice_get_everything
     assert deletion["request"] == {"method": "DELETE", "url": f"Observation/{obs_ids[0]}"}
     assert "resource" not in deletion
     assert receiver.event_numbers() == [1, 2, 3, 4]
-    r = httpx.delete(
+    r = api(stack).delete(
         f"{stack.url('exchange')}/fhir/Observation/never-sent",
         headers={"ce-source": source},
         timeout=10,
@@ -221,7 +229,7 @@ def test_a_hanging_endpoint_does_not_delay_another_subscriber(
     assert hanging.attempts <= 2
 
     def stuck_status() -> dict[str, Any]:
-        r = httpx.get(f"{stack.url('exchange')}/fhir/Subscription/{stuck.id}", timeout=10)
+        r = api(stack).get(f"{stack.url('exchange')}/fhir/Subscription/{stuck.id}", timeout=10)
         return dict(r.json())
 
     wait_until(
@@ -239,13 +247,13 @@ def test_rest_publishing_refuses_bad_input_with_an_outcome(stack: LocalStack) ->
     url = f"{stack.url('exchange')}/fhir"
     headers = {"ce-source": source, "content-type": "application/fhir+json"}
 
-    r = httpx.post(
+    r = api(stack).post(
         f"{url}/Observation", content=b'{"resourceType": "Observation"}', headers=headers
     )
     assert r.status_code == 400
     assert r.json()["resourceType"] == "OperationOutcome"
 
-    r = httpx.post(
+    r = api(stack).post(
         f"{url}/Patient",
         content=orjson.dumps(patient("x", nhs_number())),
         headers={**headers, "ce-source": "urn:hdx:org:nobody"},
@@ -253,7 +261,7 @@ def test_rest_publishing_refuses_bad_input_with_an_outcome(stack: LocalStack) ->
     assert r.status_code == 403
     assert "not a registered publisher" in r.text
 
-    r = httpx.post(f"{url}/Patient", content=b"{nope", headers=headers)
+    r = api(stack).post(f"{url}/Patient", content=b"{nope", headers=headers)
     assert r.status_code == 400
 
     batch = {
@@ -274,7 +282,7 @@ def test_rest_publishing_refuses_bad_input_with_an_outcome(stack: LocalStack) ->
             },
         ],
     }
-    r = httpx.post(url, content=orjson.dumps(batch), headers=headers)
+    r = api(stack).post(url, content=orjson.dumps(batch), headers=headers)
     assert r.status_code == 200, r.text
     statuses = [e["response"]["status"] for e in r.json()["entry"]]
     assert statuses[0] == "202 Accepted"

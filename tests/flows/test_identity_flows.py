@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -33,6 +32,7 @@ from tests.support import (
     Publisher,
     Record,
     TopicReader,
+    api,
     nhs_number,
     observation,
     register_publisher,
@@ -108,7 +108,7 @@ class Hospital:
     def subscribe(self, name: str, criteria: str = "Observation") -> Subscriber:
         org = f"{name}-{_tag()}"
         recipient = f"Organization/{org}"
-        r = httpx.post(
+        r = api(self.stack).post(
             f"{self.stack.url('exchange')}/fhir/Subscription",
             content=orjson.dumps(subscription_resource(recipient, criteria)),
             headers=FHIR_JSON,
@@ -119,7 +119,7 @@ class Hospital:
 
     def deny(self, nhs: str, recipient: str) -> None:
         doc = consent(provision("deny", actor=[recipient]), patient=None, identifier=(NHS, nhs))
-        r = httpx.post(
+        r = api(self.stack).post(
             f"{self.stack.url('consent')}/fhir/Consent",
             content=orjson.dumps(doc),
             headers=FHIR_JSON,
@@ -141,7 +141,9 @@ class Hospital:
         """The enterprise person of ``system|value`` (or ``source|local id``), once indexed."""
         deadline = time.monotonic() + timeout
         while True:
-            r = httpx.get(f"{self.pix}/fhir/Patient", params={"identifier": identifier}, timeout=10)
+            r = api(self.stack).get(
+                f"{self.pix}/fhir/Patient", params={"identifier": identifier}, timeout=10
+            )
             assert r.status_code == 200, r.text
             entries = r.json().get("entry", [])
             if len(entries) == 1:
@@ -152,7 +154,7 @@ class Hospital:
             time.sleep(0.3)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        r = httpx.post(f"{self.pix}{path}", json=body, timeout=30)
+        r = api(self.stack).post(f"{self.pix}{path}", json=body, timeout=30)
         assert r.status_code == 200, r.text
         return dict(r.json())
 
@@ -245,7 +247,11 @@ def test_a_possible_match_of_a_denying_patient_delivers_nothing_until_resolved(
     assert feed.matching(carries("Observation", obs_id)) == []
 
     # A reviewer: different persons. The twin's Observation is re-evaluated and delivered.
-    [task] = httpx.get(f"{hospital.pix}/review-tasks", params={"person": twin}, timeout=10).json()
+    [task] = (
+        api(hospital.stack)
+        .get(f"{hospital.pix}/review-tasks", params={"person": twin}, timeout=10)
+        .json()
+    )
     assert (task["reason"], task["candidate_person_id"]) == ("possible-match", ada)
     result = hospital.post(
         f"/review-tasks/{task['id']}/$resolve",
@@ -332,7 +338,7 @@ def test_merge_of_a_permitting_and_a_denying_patient_denies_and_unmerge_restores
     # Unmerge: the review list names what was emitted in between.
     unmerged = hospital.post(f"/fhir/Patient/{pat}/$unmerge", {"reviewer": "flow"})
     assert during in [e["event_id"] for e in unmerged["events"]]
-    listed = httpx.get(f"{hospital.pix}/merges/{merge_id}/events", timeout=10).json()
+    listed = api(hospital.stack).get(f"{hospital.pix}/merges/{merge_id}/events", timeout=10).json()
     assert during in [e["event_id"] for e in listed["events"]]
     assert listed["status"] == "unmerged"
 

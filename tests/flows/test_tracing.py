@@ -17,7 +17,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -29,6 +28,7 @@ from tests.flows.test_exchange_channels import wait_until
 from tests.support import (
     Publisher,
     TopicReader,
+    api,
     consent_denying,
     nhs_number,
     observation,
@@ -148,7 +148,7 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
     register_publisher(ex, source)
     permitted, denied = f"Organization/gp-{tag}", f"Organization/insurer-{tag}"
     for recipient in (permitted, denied):
-        r = httpx.post(
+        r = api(stack).post(
             f"{ex}/fhir/Subscription",
             timeout=10,
             content=orjson.dumps(subscription_resource(recipient)),
@@ -156,7 +156,7 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
         assert r.status_code == 201, r.text
     nhs, family, given = nhs_number(), "Featherstonehaugh", "Philippa"
     consent = consent_denying(nhs, denied)
-    r = httpx.post(
+    r = api(stack).post(
         f"{stack.url('consent')}/fhir/Consent",
         content=orjson.dumps(consent),
         headers={"content-type": "application/fhir+json"},
@@ -214,6 +214,13 @@ def test_one_message_is_one_trace_across_all_services_with_no_patient_data(
             assert "messaging.kafka.offset" in s.attributes
     audit = [s for s in spans if s.name == f"{PREFIX}audit publish"]
     assert len(audit) == 2, "a permit and a deny, each audited"
+    # The database work a message causes is in its trace too (SQLAlchemy's instrumentation).
+    wait_until(
+        lambda: any("db.system" in s.attributes for s in trace_of_event()),
+        30,
+        "a database span in the message's trace",
+    )
+    spans = trace_of_event()
     for s in spans:
         text = orjson.dumps(s.attributes).decode()
         for secret in (nhs, family, given, "1958-03-14", pid):
@@ -228,7 +235,7 @@ def test_hdx_trace_prints_the_path_of_a_message_from_the_topics(
     source = f"urn:hdx:org:traced-hospital-{tag}"
     ex = stack.url("exchange")
     register_publisher(ex, source)
-    r = httpx.post(
+    r = api(stack).post(
         f"{ex}/fhir/Subscription",
         timeout=10,
         content=orjson.dumps(subscription_resource(f"Organization/ward-{tag}")),

@@ -17,6 +17,7 @@ from hdx_consent.examples import consent, provision
 from hdx_consent.service import ConsentService
 from hdx_consent.settings import ConsentSettings
 from hdx_consent.store import ConsentStore
+from hdx_shared.auth import LocalTokens, install_auth
 from hdx_shared.db import make_engine
 from hdx_shared.http import install_fhir_errors
 from hdx_shared.messaging import Outgoing
@@ -42,13 +43,24 @@ async def service(tmp_path: Path) -> ConsentService:
     return svc
 
 
+TOKENS = LocalTokens.generate()
+
+
 @pytest.fixture
-async def client(service: ConsentService) -> AsyncIterator[httpx.AsyncClient]:
+def app(service: ConsentService) -> FastAPI:
     app = FastAPI()
     install_fhir_errors(app)
+    install_auth(app, TOKENS.authenticator())
     app.include_router(build_router(service, base_url="http://hdx.test/fhir"))
+    return app
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://hdx.test"
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hdx.test",
+        headers=TOKENS.headers("system/Consent.cruds"),
     ) as c:
         yield c
 
@@ -271,3 +283,44 @@ async def test_not_found_and_unavailable(
         ),
     )
     assert r.status_code == 503 and issues(r)[0]["code"] == "transient"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needs"),
+    [
+        ("POST", "/fhir/Consent", "system/Consent.c"),
+        ("PUT", "/fhir/Consent/c1", "system/Consent.u"),
+        ("GET", "/fhir/Consent/c1", "system/Consent.r"),
+        ("GET", "/fhir/Consent/c1/_history", "system/Consent.r"),
+        ("GET", "/fhir/Consent/c1/_history/1", "system/Consent.r"),
+        ("GET", "/fhir/Consent?patient=Patient/p1", "system/Consent.s"),
+        ("POST", "/fhir/Consent/$evaluate", "system/Consent.r"),
+    ],
+)
+async def test_every_endpoint_needs_a_token_and_its_scope(
+    app: FastAPI, method: str, path: str, needs: str
+) -> None:
+    doc = consent(provision("deny"), id="c1")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://hdx.test"
+    ) as anonymous:
+        r = await anonymous.request(method, path, content=orjson.dumps(doc))
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert issues(r)[0]["code"] == "login"
+
+        forged = LocalTokens.generate().headers("system/Consent.cruds")
+        r = await anonymous.request(method, path, content=orjson.dumps(doc), headers=forged)
+        assert r.status_code == 401 and 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+
+        other = "system/Patient.rs" + ("" if needs.endswith(".r") else " system/Consent.r")
+        r = await anonymous.request(
+            method, path, content=orjson.dumps(doc), headers=TOKENS.headers(other)
+        )
+        assert r.status_code == 403, r.text
+        assert issues(r)[0]["code"] == "forbidden" and needs in issues(r)[0]["diagnostics"]
+
+        r = await anonymous.request(
+            method, path, content=orjson.dumps(doc), headers=TOKENS.headers(needs)
+        )
+        assert r.status_code not in (401, 403), r.text

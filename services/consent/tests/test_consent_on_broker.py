@@ -21,6 +21,7 @@ from hdx_consent.app import create_app
 from hdx_consent.examples import consent, provision
 from hdx_consent.service import ConsentService
 from hdx_consent.settings import ConsentSettings
+from hdx_shared.auth import LocalTokens, install_auth
 from hdx_shared.embedded_broker import BrokerEndpoint
 from hdx_shared.envelope import Envelope, Header
 from hdx_shared.topics import Topics
@@ -43,12 +44,18 @@ def settings(kafka: BrokerEndpoint, prefix: str, data: Path) -> ConsentSettings:
     )
 
 
+TOKENS = LocalTokens.generate()
+
+
 @asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    install_auth(app, TOKENS.authenticator())  # no exchange here: tokens of a local issuer
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://consent.test"
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://consent.test",
+            headers=TOKENS.headers("system/Consent.cruds"),
         ) as client,
     ):
         yield client

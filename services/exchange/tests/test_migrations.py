@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from hdx_exchange.models import (
+    AssertionJtiRow,
     AuditHeadRow,
     AuditLogRow,
+    ClientRow,
     DeliveryRow,
     PublisherRow,
     ResourceOwnerRow,
@@ -36,6 +38,8 @@ def test_migrations_match_the_models(database_url: str, tmp_path: Path) -> None:
                         ResourceOwnerRow,
                         AuditLogRow,
                         AuditHeadRow,
+                        ClientRow,
+                        AssertionJtiRow,
                     )
                 ],
             )

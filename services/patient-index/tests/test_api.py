@@ -20,6 +20,7 @@ from hdx_patient_index.pipeline import IdentifyStage
 from hdx_patient_index.service import PatientIndexService
 from hdx_patient_index.settings import PatientIndexSettings
 from hdx_patient_index.store import PatientIndexStore
+from hdx_shared.auth import LocalTokens, install_auth
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import FHIR_JSON, validate_resource
 from hdx_shared.http import FhirResponse, install_fhir_errors
@@ -27,6 +28,8 @@ from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics
 
 BASE = "http://pix.test/fhir"
+TOKENS = LocalTokens.generate()
+READER = "system/Patient.rs system/hdx-identity"
 HOME: dict[str, Any] = {"postcode": "SW1A 1AA", "phone": "020 7946 0958"}
 
 
@@ -54,8 +57,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     assert persons[0] == persons[1]
     app = FastAPI(default_response_class=FhirResponse)
     install_fhir_errors(app)
+    install_auth(app, TOKENS.authenticator())
     app.include_router(build_router(service, BASE))
-    with TestClient(app) as client:
+    with TestClient(app, headers=TOKENS.headers(READER)) as client:
         yield World(client, persons[0], persons[2], persons[3])
     store.engine.dispose()
 
@@ -210,9 +214,49 @@ def test_review_tasks(world: World) -> None:
 
 
 def test_create_app_wires_everything_without_io(tmp_path: Path) -> None:
-    settings = PatientIndexSettings(data_dir=tmp_path, environment="test")
+    settings = PatientIndexSettings(
+        data_dir=tmp_path,
+        environment="test",
+        auth_issuer="http://hdx.test",
+        auth_jwks_url="http://127.0.0.1:9/auth/jwks",  # nothing answers there
+    )
     app = create_app(settings)
     client = TestClient(app)  # no lifespan: no broker, no schema, no index
     assert client.get("/healthz").json() == {"status": "ok", "service": "patient-index"}
     r = client.get("/fhir/Patient/someone")
+    assert r.status_code == 401 and r.json()["resourceType"] == "OperationOutcome"
+    # A token, but the issuer's keys cannot be fetched (no exchange): fail closed, 503.
+    token = TOKENS.headers(READER)
+    r = client.get("/fhir/Patient/someone", headers=token)
+    assert r.status_code == 503 and "issuer's keys" in r.text
+    install_auth(app, TOKENS.authenticator())
+    r = client.get("/fhir/Patient/someone", headers=token)
     assert r.status_code == 503 and r.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needs"),
+    [
+        ("GET", "/fhir/Patient/p1", "system/Patient.r"),
+        ("GET", "/fhir/Patient?identifier=a|b", "system/Patient.s"),
+        ("GET", "/fhir/Patient/$ihe-pix?sourceIdentifier=a|b", "system/Patient.s"),
+        ("POST", "/fhir/Patient/$match", "system/Patient.s"),
+        ("GET", "/review-tasks", "system/hdx-identity"),
+        ("GET", "/merges", "system/hdx-identity"),
+        ("GET", "/identity/p1", "system/hdx-identity"),
+        ("POST", "/fhir/Patient/p1/$merge", "system/hdx-identity"),
+        ("POST", "/fhir/Patient/p1/$link", "system/hdx-identity"),
+    ],
+)
+def test_every_endpoint_needs_a_token_and_its_scope(
+    world: World, method: str, path: str, needs: str
+) -> None:
+    anonymous = {"Authorization": ""}
+    r = world.client.request(method, path, headers=anonymous)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.json()["issue"][0]["code"] == "login"
+    other = "system/Consent.cruds"
+    r = world.client.request(method, path, headers=TOKENS.headers(other))
+    assert r.status_code == 403 and needs in r.json()["issue"][0]["diagnostics"]
+    r = world.client.request(method, path, headers=TOKENS.headers(needs))
+    assert r.status_code not in (401, 403), r.text

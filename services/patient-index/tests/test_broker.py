@@ -17,6 +17,7 @@ from pix_builders import NHS_A, ST_MARYS, observation, patient
 from hdx_patient_index.app import create_app
 from hdx_patient_index.domain.identifiers import NHS_NUMBER, PERSON_SYSTEM
 from hdx_patient_index.settings import PatientIndexSettings
+from hdx_shared.auth import LocalTokens, install_auth
 from hdx_shared.embedded_broker import BrokerEndpoint
 from hdx_shared.envelope import Envelope
 from hdx_shared.topics import Topics
@@ -58,6 +59,8 @@ async def test_the_service_on_a_real_broker(kafka: BrokerEndpoint, tmp_path: Pat
         log_json=False,
     )
     app = create_app(settings)
+    tokens = LocalTokens.generate()
+    install_auth(app, tokens.authenticator())  # no exchange here: a local issuer's tokens
     async with app.router.lifespan_context(app):
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
         await producer.start()
@@ -101,7 +104,11 @@ async def test_the_service_on_a_real_broker(kafka: BrokerEndpoint, tmp_path: Pat
         assert orjson.loads(dead[0].value)["id"] == "o9"
 
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pix") as client:
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://pix",
+            headers=tokens.headers("system/Patient.rs"),
+        ) as client:
             r = await client.get("/fhir/Patient", params={"identifier": f"{NHS_NUMBER}|{NHS_A}"})
             assert [e["resource"]["id"] for e in r.json()["entry"]] == [person]
             ready = await client.get("/readyz")

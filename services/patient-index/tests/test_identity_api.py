@@ -20,6 +20,7 @@ from hdx_patient_index.operations import IdentityOperations
 from hdx_patient_index.pipeline import IdentifyStage
 from hdx_patient_index.service import PatientIndexService
 from hdx_patient_index.store import PatientIndexStore
+from hdx_shared.auth import LocalTokens, install_auth
 from hdx_shared.db import make_engine
 from hdx_shared.http import FhirResponse, install_fhir_errors
 from hdx_shared.messaging import Outgoing
@@ -65,9 +66,12 @@ def api(tmp_path: Path) -> Iterator[Api]:
 
     app = FastAPI(default_response_class=FhirResponse)
     install_fhir_errors(app)
+    tokens = LocalTokens.generate()
+    install_auth(app, tokens.authenticator())
     ops = IdentityOperations(service, TOPICS)
     app.include_router(build_router(service, "http://pix.test/fhir", ops=ops, publish=publish))
-    with TestClient(app) as client:
+    headers = tokens.headers("system/Patient.rs system/hdx-identity")
+    with TestClient(app, headers=headers) as client:
         yield Api(client, stage, ada, twin, grace, sent)
     store.engine.dispose()
 

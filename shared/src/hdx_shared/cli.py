@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +16,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hdx_shared.devstack import SERVICES, LocalStack, ServiceStartError
+from hdx_shared.auth import (
+    ClientCredentials,
+    TokenRequestError,
+    fetch_token,
+    load_private_key,
+    public_jwk,
+)
+from hdx_shared.devstack import (
+    ADMIN_CLIENT,
+    SERVICES,
+    ClientSpec,
+    LocalStack,
+    ServiceStartError,
+    client_key_path,
+    exchange_auth_env,
+)
 from hdx_shared.embedded_broker import EmbeddedBroker
 from hdx_shared.envelope import CE_SPECVERSION, FHIR_JSON, Header
 from hdx_shared.settings import HdxSettings
@@ -28,6 +44,24 @@ app = typer.Typer(
 )
 console = Console()
 DEMO_DIR = Path(__file__).resolve().parents[3] / "deploy" / "demo"
+DEFAULT_EXCHANGE = "http://127.0.0.1:8003"
+# What the demo's hospitals may publish over FHIR REST (create, update, delete).
+PUBLISHER_SCOPE = " ".join(
+    f"system/{t}.cud"
+    for t in (
+        "Patient",
+        "Observation",
+        "Encounter",
+        "Condition",
+        "Procedure",
+        "DiagnosticReport",
+        "MedicationRequest",
+        "MedicationStatement",
+        "AllergyIntolerance",
+        "Immunization",
+    )
+)
+SUBSCRIBER_SCOPE = "system/Subscription.crus"
 
 
 def _settings() -> HdxSettings:
@@ -51,7 +85,7 @@ def run(
 ) -> None:
     """Start the embedded broker and all three services; Ctrl-C stops everything."""
     ports = {s.name: http_port_base + i for i, s in enumerate(SERVICES)} | {"broker": broker_port}
-    stack = LocalStack(data_dir=data_dir, ports=ports)
+    stack = LocalStack(data_dir=data_dir, ports=ports, clients=demo_clients(demo_dir))
     with console.status("starting the broker and the services…"):
         try:
             stack.start(ready_timeout=ready_timeout)
@@ -61,7 +95,7 @@ def run(
             raise typer.Exit(1) from None
     try:
         if seed:
-            seed_demo(stack.url("exchange"), stack.url("consent"), demo_dir)
+            seed_demo(stack, demo_dir)
         _print_stack(stack, seeded=seed)
         stop = _stop_on_signals()
         while not stop:
@@ -85,9 +119,39 @@ def _stop_on_signals() -> list[int]:
     return received
 
 
-def seed_demo(exchange_url: str, consent_url: str, demo_dir: Path = DEMO_DIR) -> None:
-    """Load the demo configuration through the services' own APIs (safe to repeat)."""
-    with httpx.Client(timeout=10) as http:
+def _organization(subscription: dict[str, Any]) -> str:
+    return str(
+        next(
+            e["valueReference"]["reference"]
+            for e in subscription["extension"]
+            if e["url"].endswith("/recipient")
+        )
+    )
+
+
+def demo_clients(demo_dir: Path = DEMO_DIR) -> list[ClientSpec]:
+    """A client for each demo publisher (bound to its source) and each demo subscriber
+    (bound to its organization), named by the last part of the source or organization."""
+    clients = [
+        ClientSpec(
+            pub["source"].rsplit(":", 1)[-1],
+            PUBLISHER_SCOPE,
+            source=pub["source"],
+            name=pub["name"],
+        )
+        for pub in orjson.loads((demo_dir / "publishers.json").read_bytes())
+    ]
+    for path in sorted(demo_dir.glob("subscription-*.json")):
+        org = _organization(orjson.loads(path.read_bytes()))
+        clients.append(ClientSpec(org.rsplit("/", 1)[-1], SUBSCRIBER_SCOPE, subscriber=org))
+    return clients
+
+
+def seed_demo(stack: LocalStack, demo_dir: Path = DEMO_DIR) -> None:
+    """Load the demo configuration through the services' own APIs, as the admin client and
+    the subscriber's own client would (safe to repeat)."""
+    exchange_url, consent_url = stack.url("exchange"), stack.url("consent")
+    with httpx.Client(timeout=10, auth=stack.admin_auth()) as http:
         for pub in orjson.loads((demo_dir / "publishers.json").read_bytes()):
             http.post(f"{exchange_url}/admin/publishers", json=pub).raise_for_status()
         for path in sorted(demo_dir.glob("consent-*.json")):
@@ -97,18 +161,14 @@ def seed_demo(exchange_url: str, consent_url: str, demo_dir: Path = DEMO_DIR) ->
                 content=path.read_bytes(),
                 headers={"content-type": FHIR_JSON},
             ).raise_for_status()
-        for path in sorted(demo_dir.glob("subscription-*.json")):
-            sub = orjson.loads(path.read_bytes())
-            recipient = next(
-                e["valueReference"]["reference"]
-                for e in sub["extension"]
-                if e["url"].endswith("/recipient")
-            )
+    for path in sorted(demo_dir.glob("subscription-*.json")):
+        organization = _organization(orjson.loads(path.read_bytes())).rsplit("/", 1)[-1]
+        with httpx.Client(timeout=10, auth=stack.client_auth(organization)) as http:
             existing = http.get(
-                f"{exchange_url}/fhir/Subscription",
-                params={"subscriber": recipient.rsplit("/", 1)[-1]},
-            ).json()
-            if not existing.get("total"):
+                f"{exchange_url}/fhir/Subscription", params={"subscriber": organization}
+            )
+            existing.raise_for_status()
+            if not existing.json().get("total"):
                 http.post(
                     f"{exchange_url}/fhir/Subscription",
                     content=path.read_bytes(),
@@ -142,14 +202,30 @@ def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
     if seeded:
         table.add_row("demo subscriber feed", topics.feed("oakwood-care-home"))
     table.add_row("logs and SQLite files", str(stack.data_dir))
+    table.add_row("client keys (demo only)", str(stack.auth_dir / "clients"))
     console.print(table)
     examples = DEMO_DIR / "examples"
+    exchange = stack.url("exchange")
+    admin_key = stack.client_key_path(ADMIN_CLIENT)
     console.print(
         "Try:\n"
         f"  hdx publish {examples / 'patient-ada.json'} --source urn:hdx:org:st-marys\n"
         f"  hdx publish {examples / 'observation-ada.json'} --source urn:hdx:org:st-marys\n"
         f"  hdx tail {topics.feed('oakwood-care-home')}\n"
-        "Press Ctrl-C to stop."
+        "Every HTTP API needs an access token (5 minutes; docs/security.md). The admin's:\n"
+        f"  TOKEN=$(hdx token --client-id {ADMIN_CLIENT} --key {admin_key}"
+        f" --exchange {exchange})\n"
+        f'  curl -H "Authorization: Bearer $TOKEN" {exchange}/fhir/Subscription\n'
+        + (
+            "St Mary's publishing over FHIR REST, as itself:\n"
+            f"  TOKEN=$(hdx token --client-id st-marys --key "
+            f"{stack.client_key_path('st-marys')} --exchange {exchange})\n"
+            f'  curl -H "Authorization: Bearer $TOKEN" -H "content-type: application/fhir+json"'
+            f" --data @{examples / 'patient-ada.json'} {exchange}/fhir/Patient\n"
+            if seeded
+            else ""
+        )
+        + "Press Ctrl-C to stop."
     )
 
 
@@ -167,6 +243,13 @@ def _patient_key(source: str, doc: dict[str, Any]) -> bytes:
     return source.encode()
 
 
+def _kafka_config(settings: HdxSettings, bootstrap: str | None) -> dict[str, Any]:
+    """aiokafka connection arguments from the settings (login included); --bootstrap wins."""
+    from hdx_shared.messaging import client_config
+
+    return client_config(settings) | ({"bootstrap_servers": bootstrap} if bootstrap else {})
+
+
 @app.command()
 def publish(
     files: Annotated[list[Path], typer.Argument(help="FHIR JSON resources or Bundles")],
@@ -175,15 +258,15 @@ def publish(
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
     topic: Annotated[str | None, typer.Option(help="default: the inbound topic")] = None,
 ) -> None:
-    """Publish FHIR files to HDX's inbound topic, as a hospital system would."""
+    """Publish FHIR files to HDX's inbound topic, as a hospital system would. The Kafka login
+    (HDX_KAFKA_SECURITY_PROTOCOL, _USERNAME, _PASSWORD…) comes from the environment."""
     settings = _settings()
-    servers = bootstrap or settings.kafka_bootstrap_servers
     target = topic or Topics(settings.topic_prefix).inbound
 
     async def send() -> None:
         from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all")
+        producer = AIOKafkaProducer(**_kafka_config(settings, bootstrap), acks="all")
         await producer.start()
         try:
             for path in files:
@@ -219,14 +302,15 @@ def tail(
     limit: Annotated[int, typer.Option(help="stop after this many records (0: never)")] = 0,
     timeout: Annotated[float, typer.Option(help="stop after this many idle seconds")] = 0,
 ) -> None:
-    """Print a topic's records from the beginning (a feed, the audit or dead letters)."""
-    servers = bootstrap or _settings().kafka_bootstrap_servers
+    """Print a topic's records from the beginning (a feed, the audit or dead letters). The
+    Kafka login comes from the environment, as for `hdx publish`."""
+    config = _kafka_config(_settings(), bootstrap)
 
     async def read() -> None:
         from aiokafka import AIOKafkaConsumer
 
         consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=servers, auto_offset_reset="earliest", enable_auto_commit=False
+            topic, **config, auto_offset_reset="earliest", enable_auto_commit=False
         )
         await consumer.start()
         seen = 0
@@ -278,19 +362,76 @@ def trace_message(
     console.print(table)
 
 
+def _token_url(exchange: str) -> str:
+    """The token endpoint, from the exchange's SMART configuration (as a client finds it)."""
+    r = httpx.get(f"{exchange.rstrip('/')}/.well-known/smart-configuration", timeout=10)
+    r.raise_for_status()
+    return str(r.json()["token_endpoint"])
+
+
+ClientIdOption = Annotated[
+    str, typer.Option("--client-id", envvar="HDX_CLIENT_ID", help="your registered client id")
+]
+KeyOption = Annotated[
+    Path,
+    typer.Option(
+        "--key", envvar="HDX_CLIENT_KEY", help="your private key (PEM) registered with HDX"
+    ),
+]
+ExchangeOption = Annotated[
+    str, typer.Option("--exchange", envvar="HDX_EXCHANGE_URL", help="the exchange's address")
+]
+
+
+@app.command()
+def token(
+    client_id: ClientIdOption,
+    key: KeyOption,
+    scope: Annotated[
+        str | None,
+        typer.Option(help="scopes to ask for, space-separated (default: all registered)"),
+    ] = None,
+    exchange: ExchangeOption = DEFAULT_EXCHANGE,
+) -> None:
+    """Print an access token: signs a client assertion with KEY and trades it at the
+    exchange's token endpoint (SMART Backend Services). Use it as
+    curl -H "Authorization: Bearer $(hdx token ...)"."""
+    try:
+        body = fetch_token(
+            client_id, load_private_key(key.read_bytes()), _token_url(exchange), scope
+        )
+    except (TokenRequestError, httpx.HTTPError) as exc:
+        Console(stderr=True).print(f"[red]no token:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    print(body["access_token"])
+
+
+@app.command()
+def jwks(key: KeyOption) -> None:
+    """Print the public half of a private key as a JWKS (kid = its thumbprint): what a
+    client registers with HDX (POST /admin/clients)."""
+    print(orjson.dumps({"keys": [public_jwk(load_private_key(key.read_bytes()))]}).decode())
+
+
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
 
 @audit_app.command("verify")
 def audit_verify(
-    exchange: Annotated[str, typer.Option(help="the exchange's HTTP address")] = (
-        "http://127.0.0.1:8003"
-    ),
+    client_id: ClientIdOption,
+    key: KeyOption,
+    exchange: ExchangeOption = DEFAULT_EXCHANGE,
 ) -> None:
     """Recompute the audit log's hash chain and compare its end with the newest anchor;
-    exit 1 and name every record that was altered, removed, reordered or cut off."""
-    result = httpx.get(f"{exchange}/admin/audit/verify", timeout=300).json()
+    exit 1 and name every record that was altered, removed, reordered or cut off. Needs a
+    client with the system/hdx-admin scope."""
+    auth = ClientCredentials.from_key_file(client_id, key, _token_url(exchange))
+    r = httpx.get(f"{exchange}/admin/audit/verify", timeout=300, auth=auth)
+    if r.status_code != 200:
+        console.print(f"[red]audit verification refused:[/red] {r.status_code} {r.text[:300]}")
+        raise typer.Exit(2)
+    result = r.json()
     anchor = result.get("anchor") or {}
     console.print(f"{result['records']} records; newest anchor: seq {anchor.get('seq', '-')}")
     for p in result["problems"]:
@@ -312,6 +453,22 @@ def db_revision(
     if service not in specs:
         raise typer.BadParameter(f"one of {', '.join(specs)}")
     new_revision(specs[service].module, message)
+
+
+@app.command("auth-init")
+def auth_init(
+    directory: Annotated[Path, typer.Argument(help="where the keys and clients.json go")],
+    issuer: Annotated[
+        str, typer.Option(help="the exchange's address as clients see it (HDX_AUTH_ISSUER)")
+    ],
+) -> None:
+    """Make HDX's signing key and a first admin client (hdx-admin) in DIRECTORY, unless they
+    exist: what an exchange deployment needs before its first start. Prints the exchange's
+    HDX_AUTH_* settings. Keys are PEM files of mode 0600; keep the admin key off servers."""
+    env = exchange_auth_env(directory, issuer)
+    for name, value in env.items():
+        print(f"{name}={value}")
+    print(f"# admin key: {client_key_path(directory, ADMIN_CLIENT)}", file=sys.stderr)
 
 
 @app.command()

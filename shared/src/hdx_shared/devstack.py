@@ -1,6 +1,11 @@
 """Run HDX on one machine: the embedded broker and each service as its own process.
 
 `hdx run` and the flow tests both use this, so what a newcomer runs is what is tested.
+
+Authentication is on, as in production: the stack keeps HDX's token signing key and an
+admin client's key under ``<data_dir>/auth/`` (made on first start, kept after), registers
+the admin client (and any `clients` given) through the exchange's HDX_AUTH_CLIENTS_FILE,
+and gets tokens the way an integrator does (`admin_auth`).
 """
 
 from __future__ import annotations
@@ -11,15 +16,109 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import httpx
+import orjson
 
+from hdx_shared.auth import (
+    ADMIN_SCOPE,
+    IDENTITY_SCOPE,
+    ClientCredentials,
+    Key,
+    clients_file_entry,
+    generate_key,
+    load_private_key,
+    private_pem,
+)
 from hdx_shared.embedded_broker import EmbeddedBroker, free_port
+
+ADMIN_CLIENT = "hdx-admin"
+ADMIN_CLIENT_SCOPE = f"system/*.cruds {ADMIN_SCOPE} {IDENTITY_SCOPE}"
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A client the stack registers at start, with a key it keeps in its data dir."""
+
+    client_id: str
+    scope: str
+    source: str | None = None
+    subscriber: str | None = None
+    name: str | None = None
+
+
+def client_key_path(auth_dir: Path, client_id: str) -> Path:
+    return auth_dir / "clients" / f"{client_id.replace('/', '_')}.pem"
+
+
+def exchange_auth_env(
+    auth_dir: Path, issuer: str, clients: Sequence[ClientSpec] = ()
+) -> dict[str, str]:
+    """The exchange's HDX_AUTH_* settings for a local run: its address as the issuer, HDX's
+    signing key and the client registrations (the admin and `clients`), with keys made under
+    `auth_dir` if missing."""
+    signing_key = auth_dir / "signing-key.pem"
+    key_file(signing_key)
+    specs = [ClientSpec(ADMIN_CLIENT, ADMIN_CLIENT_SCOPE, name="HDX admin"), *clients]
+    entries = [
+        clients_file_entry(
+            c.client_id,
+            key_file(client_key_path(auth_dir, c.client_id)),
+            c.scope,
+            name=c.name,
+            source=c.source,
+            subscriber=c.subscriber,
+        )
+        for c in specs
+    ]
+    clients_file = auth_dir / "clients.json"
+    clients_file.write_bytes(orjson.dumps(entries, option=orjson.OPT_INDENT_2))
+    return {
+        "HDX_AUTH_ISSUER": issuer,
+        "HDX_AUTH_SIGNING_KEY_FILE": str(signing_key),
+        "HDX_AUTH_CLIENTS_FILE": str(clients_file),
+    }
+
+
+# The auth dirs of the exchanges this process started, by address: so a helper handed only
+# an exchange's address can authenticate as its admin (`admin_auth_for`).
+_AUTH_DIRS: dict[str, Path] = {}
+
+
+def remember_exchange(exchange_url: str, auth_dir: Path) -> None:
+    _AUTH_DIRS[exchange_url.rstrip("/")] = auth_dir
+
+
+def forget_exchange(exchange_url: str) -> None:
+    _AUTH_DIRS.pop(exchange_url.rstrip("/"), None)
+
+
+def admin_auth_for(exchange_url: str, scope: str | None = None) -> ClientCredentials | None:
+    """The admin client of an exchange this process started (None if it did not)."""
+    auth_dir = _AUTH_DIRS.get(exchange_url.rstrip("/"))
+    if auth_dir is None:
+        return None
+    return ClientCredentials.from_key_file(
+        ADMIN_CLIENT,
+        client_key_path(auth_dir, ADMIN_CLIENT),
+        f"{exchange_url.rstrip('/')}/auth/token",
+        scope,
+    )
+
+
+def key_file(path: Path) -> Key:
+    """The private key in `path`, made (EC P-384, mode 0600) if there is none yet."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_pem(generate_key()))
+    return load_private_key(path.read_bytes())
 
 
 @dataclass(frozen=True)
@@ -118,6 +217,7 @@ class LocalStack:
     ports: Mapping[str, int] = field(default_factory=dict)
     extra_env: Mapping[str, str] = field(default_factory=dict)
     database_urls: Mapping[str, str] = field(default_factory=dict)
+    clients: Sequence[ClientSpec] = ()
     broker: EmbeddedBroker | None = None
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
@@ -127,6 +227,26 @@ class LocalStack:
             return self.bootstrap_servers
         assert self.broker is not None
         return self.broker.bootstrap_servers
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.data_dir / "auth"
+
+    def client_key_path(self, client_id: str) -> Path:
+        return client_key_path(self.auth_dir, client_id)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url('exchange')}/auth/token"
+
+    def client_auth(self, client_id: str, scope: str | None = None) -> ClientCredentials:
+        """httpx auth as one of the stack's clients (tokens fetched as an integrator would)."""
+        return ClientCredentials.from_key_file(
+            client_id, self.client_key_path(client_id), self.token_url, scope
+        )
+
+    def admin_auth(self, scope: str | None = None) -> ClientCredentials:
+        return self.client_auth(ADMIN_CLIENT, scope)
 
     def start(self, ready_timeout: float = 60.0) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +264,21 @@ class LocalStack:
                 port=self.ports.get("broker", 0), log_path=self.data_dir / "logs" / "broker.log"
             )
             self.broker.start()
+        ports: dict[str, int] = {}
+        for spec in SERVICES:
+            port = self.ports.get(spec.name) or free_port()
+            while port in ports.values():
+                port = free_port()
+            ports[spec.name] = port
+        # The exchange issues the tokens: its signing key and the client registrations.
+        issuer = f"http://127.0.0.1:{ports['exchange']}"
+        exchange_env = exchange_auth_env(self.auth_dir, issuer, self.clients)
         try:
             for spec in SERVICES:
-                port = self.ports.get(spec.name) or free_port()
+                port = ports[spec.name]
+                auth_env = {"HDX_AUTH_ISSUER": issuer}
+                if spec.name == "exchange":
+                    auth_env |= exchange_env
                 env = {
                     **os.environ,
                     "HDX_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
@@ -160,6 +292,7 @@ class LocalStack:
                     "HDX_DATA_DIR": str(self.data_dir),
                     "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
                     "OTEL_SERVICE_NAME": f"hdx-{spec.name}",
+                    **auth_env,
                     **self.extra_env,
                 }
                 if spec.name in self.database_urls:
@@ -172,6 +305,7 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        remember_exchange(self.url("exchange"), self.auth_dir)
         return self
 
     def url(self, service: str) -> str:
@@ -184,6 +318,8 @@ class LocalStack:
         proc.wait_ready(ready_timeout)
 
     def stop(self) -> None:
+        if "exchange" in self.services:
+            forget_exchange(self.url("exchange"))
         for proc in reversed(list(self.services.values())):
             proc.stop()
         if self.broker:

@@ -54,10 +54,17 @@ def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:
 class FhirError(Exception):
     """Input HDX will not accept. `reason` is a short code for dead letters and metrics."""
 
-    def __init__(self, reason: str, issues: list[Issue], http_status: int = 400) -> None:
+    def __init__(
+        self,
+        reason: str,
+        issues: list[Issue],
+        http_status: int = 400,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.reason = reason
         self.issues = issues
         self.http_status = http_status
+        self.headers = headers or {}  # e.g. WWW-Authenticate, Retry-After
         super().__init__(f"{reason}: " + "; ".join(i.diagnostics for i in issues))
 
     def outcome(self) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""The consent service's FHIR API: Consent create/update/read/search/history and $evaluate."""
+"""The consent service's FHIR API: Consent create/update/read/search/history and $evaluate.
+
+Scopes (docs/security.md): create system/Consent.c, update (PUT) system/Consent.u, read,
+history and $evaluate system/Consent.r, search system/Consent.s.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,25 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
 from hdx_consent.domain import ConsentInvalid, DecisionRequest, normalize_reference
 from hdx_consent.domain.timeutil import fhir_interval
 from hdx_consent.models import ConsentVersion
 from hdx_consent.service import ConsentService
 from hdx_consent.store import VersionConflict
+from hdx_shared.auth import require_scope
 from hdx_shared.fhir import FhirError, Issue, decode_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import Unavailable
 
 T = TypeVar("T")
 _ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
+# A version number as the database holds it (a larger one is 400, not a database error).
+Version = Annotated[int, Path(ge=1, le=2**31 - 1)]
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR id
 
 
@@ -250,14 +257,23 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
             headers=_version_headers(written.row, base_url),
         )
 
-    @router.post("/Consent", status_code=201, response_class=FhirResponse)
+    @router.post(
+        "/Consent",
+        status_code=201,
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.c"))],
+    )
     async def create_consent(request: Request) -> Response:
         """Create a Consent (a server-assigned id; any id in the body is ignored)."""
         doc = await _read_consent(request)
         doc.pop("id", None)
         return await write(doc, None, None)
 
-    @router.post("/Consent/$evaluate", response_class=FhirResponse)
+    @router.post(
+        "/Consent/$evaluate",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.r"))],
+    )
     async def evaluate(request: Request) -> Response:
         """Decide one request as the gate would: Parameters in, Parameters out."""
         params = decode_resource(await request.body())
@@ -286,7 +302,11 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
         out.append({"name": "breakGlass", "valueBoolean": d.break_glass})
         return FhirResponse({"resourceType": "Parameters", "parameter": out})
 
-    @router.put("/Consent/{consent_id}", response_class=FhirResponse)
+    @router.put(
+        "/Consent/{consent_id}",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.u"))],
+    )
     async def update_consent(
         request: Request, consent_id: str, if_match: str | None = Header(default=None)
     ) -> Response:
@@ -315,7 +335,11 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
             expected = int(m[1])
         return await write(doc, consent_id, expected)
 
-    @router.get("/Consent/{consent_id}", response_class=FhirResponse)
+    @router.get(
+        "/Consent/{consent_id}",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.r"))],
+    )
     async def read_consent(consent_id: str) -> Response:
         row = await _available(lambda: _thread(service.store.latest, consent_id))
         if row is None:
@@ -326,7 +350,11 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
             )
         return FhirResponse(_resource(row), headers=_version_headers(row, base_url))
 
-    @router.get("/Consent/{consent_id}/_history", response_class=FhirResponse)
+    @router.get(
+        "/Consent/{consent_id}/_history",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.r"))],
+    )
     async def history(consent_id: str) -> Response:
         rows = await _available(lambda: _thread(service.store.history, consent_id))
         if not rows:
@@ -354,8 +382,12 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
             {"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries}
         )
 
-    @router.get("/Consent/{consent_id}/_history/{version}", response_class=FhirResponse)
-    async def vread(consent_id: str, version: int) -> Response:
+    @router.get(
+        "/Consent/{consent_id}/_history/{version}",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.r"))],
+    )
+    async def vread(consent_id: str, version: Version) -> Response:
         row = await _available(lambda: _thread(service.store.version, consent_id, version))
         if row is None:
             raise FhirError(
@@ -365,7 +397,11 @@ def build_router(service: ConsentService, *, base_url: str = "/fhir") -> APIRout
             )
         return FhirResponse(_resource(row), headers=_version_headers(row, base_url))
 
-    @router.get("/Consent", response_class=FhirResponse)
+    @router.get(
+        "/Consent",
+        response_class=FhirResponse,
+        dependencies=[Depends(require_scope("system/Consent.s"))],
+    )
     async def search(patient: str | None = Query(default=None)) -> Response:
         """Current Consents of a patient: patient=Patient/<id>, <id>, or system|value."""
         if not patient:

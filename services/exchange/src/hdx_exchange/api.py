@@ -1,12 +1,19 @@
-"""The exchange's HTTP API: the publisher registry and FHIR Subscriptions."""
+"""The exchange's HTTP API: the publisher registry, FHIR Subscriptions and the audit trail.
+
+Scopes (docs/security.md): the registry and audit verification need system/hdx-admin;
+Subscriptions system/Subscription.c / .r / .s; a patient's audit trail system/AuditEvent.s.
+A client bound to a subscriber organization creates, reads and searches only its own
+Subscriptions ($status and $events too): another's is 403. A client with the admin scope and
+no binding acts for any organization.
+"""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from hdx_exchange.audit_log import AuditLog
@@ -16,6 +23,7 @@ from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import Registry
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
+from hdx_shared.auth import ADMIN_SCOPE, Caller, forbidden, require_scope
 from hdx_shared.fhir import FHIR_JSON, FHIR_VERSION, decode_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import ensure_topics
@@ -47,6 +55,21 @@ def _subscription_resource(row: SubscriptionRow) -> dict[str, Any]:
     return doc
 
 
+# Module level: FastAPI resolves the annotations (postponed) in the module's namespace.
+EventNumber = Annotated[int, Query(ge=0, le=2**31 - 1)]  # as the database holds them
+Readers = Annotated[Caller, Depends(require_scope("system/Subscription.r"))]
+
+
+def _for_subscriber(caller: Caller, subscriber: str) -> None:
+    """403 unless the caller acts for this subscriber organization."""
+    if caller.subscriber == subscriber or (caller.subscriber is None and caller.is_admin):
+        return
+    raise forbidden(
+        f"client {caller.client_id} may not act for subscriber {subscriber}"
+        + (f" (it is bound to {caller.subscriber})" if caller.subscriber else "")
+    )
+
+
 def build_routers(
     store: ExchangeStore,
     registry: Registry,
@@ -54,7 +77,9 @@ def build_routers(
     settings: ExchangeSettings,
     audit_log: AuditLog,
 ) -> list[APIRouter]:
-    admin = APIRouter(prefix="/admin", tags=["publishers"])
+    admin = APIRouter(
+        prefix="/admin", tags=["publishers"], dependencies=[Depends(require_scope(ADMIN_SCOPE))]
+    )
 
     @admin.get("/publishers")
     async def list_publishers() -> list[PublisherIn]:
@@ -91,7 +116,11 @@ def build_routers(
     fhir = APIRouter(prefix="/fhir", tags=["Subscription"])
 
     @fhir.get("/AuditEvent", tags=["AuditEvent"])
-    async def search_audit_events(patient: str, _count: int = 100) -> Response:
+    async def search_audit_events(
+        patient: str,
+        _caller: Annotated[Caller, Depends(require_scope("system/AuditEvent.s"))],
+        _count: int = 100,
+    ) -> Response:
         """A patient's audit trail, newest first (patient: Patient/<enterprise id>)."""
         person = patient.removeprefix("Patient/")
         bodies = store.audit_for_patient(person, limit=min(max(_count, 1), 1000))
@@ -102,11 +131,15 @@ def build_routers(
         return FhirResponse(bundle + b"]}")
 
     @fhir.post("/Subscription", status_code=201)
-    async def create_subscription(request: Request) -> Response:
+    async def create_subscription(
+        request: Request,
+        caller: Annotated[Caller, Depends(require_scope("system/Subscription.c"))],
+    ) -> Response:
         raw = await request.body()
         doc = decode_resource(raw)
         sid = str(uuid.uuid4())
         sub = subscription_from_fhir(doc, sid)
+        _for_subscriber(caller, sub.subscriber)
         await ensure_topics(settings, [TopicSpec(topics.feed(sub.subscriber))])
         doc["id"] = sid
         doc["status"] = "active"
@@ -133,22 +166,33 @@ def build_routers(
         )
 
     @fhir.get("/Subscription/{sid}")
-    async def read_subscription(sid: str) -> Response:
+    async def read_subscription(sid: str, caller: Readers) -> Response:
         row = store.subscription_row(sid)
         if row is None:
             raise HTTPException(404, f"Subscription/{sid} is not known")
+        _for_subscriber(caller, row.subscriber)
         return FhirResponse(_subscription_resource(row))
 
     @fhir.get("/Subscription")
-    async def search_subscriptions(subscriber: str | None = None) -> Response:
+    async def search_subscriptions(
+        caller: Annotated[Caller, Depends(require_scope("system/Subscription.s"))],
+        subscriber: str | None = None,
+    ) -> Response:
+        """Subscriptions (subscriber: an organization id); a bound client sees its own."""
+        if caller.subscriber is not None:
+            _for_subscriber(caller, subscriber or caller.subscriber)
+            subscriber = caller.subscriber
+        elif not caller.is_admin:
+            raise forbidden(f"client {caller.client_id} is not bound to a subscriber")
         rows = store.subscription_rows(subscriber)
         return FhirResponse(_searchset([_subscription_resource(r) for r in rows]))
 
     @fhir.get("/Subscription/{sid}/$status")
-    async def subscription_status(sid: str) -> Response:
+    async def subscription_status(sid: str, caller: Readers) -> Response:
         row = store.subscription_row(sid)
         if row is None:
             raise HTTPException(404, f"Subscription/{sid} is not known")
+        _for_subscriber(caller, row.subscriber)
         status = {
             "resourceType": "Parameters",
             "parameter": [
@@ -165,13 +209,17 @@ def build_routers(
 
     @fhir.get("/Subscription/{sid}/$events")
     async def subscription_events(
-        sid: str, eventsSinceNumber: int = 0, eventsUntilNumber: int | None = None
+        sid: str,
+        caller: Readers,
+        eventsSinceNumber: EventNumber = 0,
+        eventsUntilNumber: EventNumber | None = None,
     ) -> Response:
         """What was sent (or is waiting), by event number: a subscriber that saw a gap
         asks for the range it missed."""
         row = store.subscription_row(sid)
         if row is None:
             raise HTTPException(404, f"Subscription/{sid} is not known")
+        _for_subscriber(caller, row.subscriber)
         since = max(eventsSinceNumber - 1, 0)
         events = store.deliveries(sid, since=since, until=eventsUntilNumber)
         parts = [
@@ -246,6 +294,31 @@ def build_routers(
                     "rest": [
                         {
                             "mode": "server",
+                            "security": {
+                                "service": [
+                                    {
+                                        "coding": [
+                                            {
+                                                "system": "http://terminology.hl7.org/"
+                                                "CodeSystem/restful-security-service",
+                                                "code": "SMART-on-FHIR",
+                                            }
+                                        ]
+                                    }
+                                ],
+                                "description": "OAuth 2.0 client credentials with a "
+                                "private_key_jwt client assertion (SMART Backend Services); "
+                                "see .well-known/smart-configuration",
+                                "extension": [
+                                    {
+                                        "url": "http://fhir-registry.smarthealthit.org/"
+                                        "StructureDefinition/oauth-uris",
+                                        "extension": [
+                                            {"url": "token", "valueUri": settings.token_url}
+                                        ],
+                                    }
+                                ],
+                            },
                             "resource": [*published, subscription],
                             "interaction": [{"code": "transaction"}, {"code": "batch"}],
                         }

@@ -10,10 +10,18 @@ from fastapi import FastAPI
 from hdx_exchange.api import build_routers
 from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.dispatcher import RestHookDispatcher
+from hdx_exchange.oauth import (
+    AuthorizationServer,
+    auth_routers,
+    load_clients_file,
+    signing_key,
+    verification_keys,
+)
 from hdx_exchange.pipeline import ExchangePipeline, Registry
 from hdx_exchange.rest_publish import publishing_router
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
+from hdx_shared.auth import Authenticator, StaticKeys, TokenIssuer
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import Limits
 from hdx_shared.http import ServiceRuntime, create_service_app
@@ -70,8 +78,19 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
             await asyncio.sleep(settings.registry_refresh_seconds)
             await asyncio.to_thread(registry.refresh)
 
+    # The authorization server: HDX's signing key, and its tokens checked with its own keys.
+    key = signing_key(settings)
+    verification = verification_keys(settings, key)
+    token_issuer = TokenIssuer(
+        key, settings.auth_issuer, settings.auth_audience, settings.auth_token_lifetime_seconds
+    )
+    auth_server = AuthorizationServer(store, token_issuer, settings.token_url)
+    authenticator = Authenticator.from_settings(settings, StaticKeys(verification))
+
     async def start() -> None:
         store.create_schema()
+        if settings.auth_clients_file is not None:
+            load_clients_file(store, settings.auth_clients_file)
         registry.refresh()
 
     async def stop() -> None:
@@ -83,7 +102,8 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     runtime.on_stop.append(stop)
 
     routers = [
+        *auth_routers(auth_server, settings, verification),
         *build_routers(store, registry, topics, settings, audit_log),
         publishing_router(registry, topics, pipeline.limits, publish),
     ]
-    return create_service_app(runtime, title="HDX exchange", routers=routers)
+    return create_service_app(runtime, title="HDX exchange", routers=routers, auth=authenticator)

@@ -1,4 +1,5 @@
-"""The exchange's tables: publishers, subscriptions, and the deliveries it numbered."""
+"""The exchange's tables: publishers, subscriptions, the deliveries it numbered, the audit
+log, and the OAuth clients of its authorization server."""
 
 from __future__ import annotations
 
@@ -100,3 +101,30 @@ class AuditHeadRow(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     hash: str = "0" * 64
+
+
+class ClientRow(SQLModel, table=True):
+    """A registered OAuth client (SMART Backend Services): its public keys, the scopes it
+    may be granted, and what it is bound to."""
+
+    __tablename__ = "oauth_client"
+
+    client_id: str = Field(primary_key=True)
+    name: str
+    jwks: bytes  # the client's public keys, a JWKS as JSON
+    scope: str  # space-separated: the most it may be granted
+    source: str | None = None  # publishes only as this ce_source
+    subscriber: str | None = None  # subscribes only for this organization (id)
+    active: bool = True
+    created_at: datetime = Field(default_factory=_now)
+    updated_at: datetime = Field(default_factory=_now)
+
+
+class AssertionJtiRow(SQLModel, table=True):
+    """A client assertion's jti, kept until the assertion expires: a replay is refused."""
+
+    __tablename__ = "oauth_assertion_jti"
+
+    client_id: str = Field(primary_key=True)
+    jti: str = Field(primary_key=True)
+    expires_at: datetime = Field(index=True)

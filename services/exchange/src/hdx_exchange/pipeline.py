@@ -22,7 +22,7 @@ from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscri
 from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.envelope import ChangeType, Header
 from hdx_shared.fhir import FhirError, Issue, Limits
-from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for
+from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for, handling
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,13 @@ class ExchangePipeline:
                         m.value, m.envelope, self.registry.publishers, self.limits, m.origin
                     )
             except FhirError as exc:
-                log.info(
-                    "dead-lettered %s from %s: %s", m.origin, m.envelope.source or "?", exc.reason
-                )
+                with handling(m):  # the line carries this message's trace_id/span_id
+                    log.info(
+                        "dead-lettered %s from %s: %s",
+                        m.origin,
+                        m.envelope.source or "?",
+                        exc.reason,
+                    )
                 out.append(dead_letter_for(self.topics, m, exc))
                 continue
             if not m.envelope.event_id:

@@ -4,8 +4,13 @@ The same rules as the Kafka ingress (`domain.ingress.accept_message`), answered 
 what is accepted goes straight to hdx.validated, and the answer says 202 only after the
 broker has acknowledged it; what is refused is a 4xx with an OperationOutcome.
 
-The publisher names itself with the CloudEvents HTTP header `ce-source` (and may give its
-own event id in `ce-id`, which makes a retried request the same event).
+Every request needs an access token with the scope for what it does (`system/<type>.c` to
+POST, `.u` to PUT, `.d` to DELETE; a Bundle: its entries' types). A publisher's client is
+bound to its source: it publishes as that source only — `ce-source` may name it and
+defaults to it; any other is refused (403) and leaves a security-alert AuditEvent on the
+audit topic. A client with the admin scope and no binding may publish as any registered
+source (an operator's replay); any other client may not publish. It may give its own event
+id in `ce-id`, which makes a retried request the same event.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import orjson
 from fastapi import APIRouter, Header, Request, Response
 
 from hdx_exchange.domain.ingress import AcceptedResource, accept_message, tombstone
+from hdx_exchange.domain.security_audit import security_alert
 from hdx_exchange.pipeline import Registry
+from hdx_shared.auth import AuthenticatedCaller, Caller, forbidden
 from hdx_shared.envelope import ChangeType, Envelope, derive_event_id, now_ms
-from hdx_shared.fhir import FhirError, Issue, Limits, operation_outcome, parse_json
+from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, Limits, operation_outcome, parse_json
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import Outgoing, Publish
 from hdx_shared.topics import Topics
@@ -40,6 +47,47 @@ def publishing_router(
 
     def envelope(source: str | None, event_id: str | None, change: ChangeType) -> Envelope:
         return Envelope(event_id or str(uuid.uuid4()), source or "", change)
+
+    async def source_of(caller: Caller, claimed: str | None, request: Request) -> str | None:
+        """The source this caller publishes as; 403 and a security alert if it may not."""
+        if caller.source is not None and claimed in (None, caller.source):
+            return caller.source
+        if caller.source is None and caller.is_admin:
+            return claimed
+        if caller.source is None:
+            what = "publish-unbound"
+            description = f"client {caller.client_id} is not bound to a publisher source"
+        else:
+            what = "publish-as-other-source"
+            description = (
+                f"client {caller.client_id} is bound to source {caller.source} "
+                f"and may not publish as {claimed}"
+            )
+        alert = security_alert(
+            what=what,
+            description=description,
+            client_id=caller.client_id,
+            client_address=request.client.host if request.client else None,
+            claimed_source=claimed,
+            bound_source=caller.source,
+        )
+        await publish(
+            [
+                Outgoing(
+                    topics.audit,
+                    orjson.dumps(alert),
+                    b"security",
+                    {"content-type": FHIR_JSON},
+                )
+            ]
+        )
+        raise forbidden(f"{description}: refused and audited")
+
+    def allowed(caller: Caller, resource_type: str, permission: str) -> None:
+        if not caller.can(resource_type, permission):
+            raise forbidden(
+                f"client {caller.client_id} lacks the scope system/{resource_type}.{permission}"
+            )
 
     def accepted_outcome(accepted: list[AcceptedResource]) -> dict[str, Any]:
         return operation_outcome(
@@ -86,11 +134,14 @@ def publishing_router(
     async def create(
         resource_type: str,
         request: Request,
+        caller: AuthenticatedCaller,
         ce_source: str | None = Header(default=None, alias="ce-source"),
         ce_id: str | None = Header(default=None, alias="ce-id"),
     ) -> Response:
-        """Publish one resource (create)."""
-        env = envelope(ce_source, ce_id, ChangeType.CREATE)
+        """Publish one resource (create). Scope: system/<type>.c."""
+        allowed(caller, resource_type, "c")
+        source = await source_of(caller, ce_source, request)
+        env = envelope(source, ce_id, ChangeType.CREATE)
         return await publish_one(await request.body(), resource_type, None, env)
 
     @router.put("/{resource_type}/{resource_id}", status_code=202)
@@ -98,23 +149,31 @@ def publishing_router(
         resource_type: str,
         resource_id: str,
         request: Request,
+        caller: AuthenticatedCaller,
         ce_source: str | None = Header(default=None, alias="ce-source"),
         ce_id: str | None = Header(default=None, alias="ce-id"),
     ) -> Response:
-        """Publish one resource (update)."""
-        env = envelope(ce_source, ce_id, ChangeType.UPDATE)
+        """Publish one resource (update). Scope: system/<type>.u."""
+        allowed(caller, resource_type, "u")
+        source = await source_of(caller, ce_source, request)
+        env = envelope(source, ce_id, ChangeType.UPDATE)
         return await publish_one(await request.body(), resource_type, resource_id, env)
 
     @router.delete("/{resource_type}/{resource_id}", status_code=202)
     async def delete(
         resource_type: str,
         resource_id: str,
+        request: Request,
+        caller: AuthenticatedCaller,
         ce_source: str | None = Header(default=None, alias="ce-source"),
         ce_id: str | None = Header(default=None, alias="ce-id"),
     ) -> Response:
-        """Publish a deletion: subscribers that received the resource are told to delete it."""
+        """Publish a deletion: subscribers that received the resource are told to delete it.
+        Scope: system/<type>.d."""
+        allowed(caller, resource_type, "d")
+        source = await source_of(caller, ce_source, request)
         registry.require_loaded()
-        env = envelope(ce_source, ce_id, ChangeType.DELETE)
+        env = envelope(source, ce_id, ChangeType.DELETE)
         publisher = registry.publishers.get(env.source)
         if publisher is None or not publisher.active:
             raise FhirError(
@@ -155,10 +214,13 @@ def publishing_router(
     @router.post("", status_code=200)
     async def bundle(
         request: Request,
+        caller: AuthenticatedCaller,
         ce_source: str | None = Header(default=None, alias="ce-source"),
         ce_id: str | None = Header(default=None, alias="ce-id"),
     ) -> Response:
-        """Publish a transaction (all or nothing) or batch (entry by entry) Bundle."""
+        """Publish a transaction (all or nothing) or batch (entry by entry) Bundle. Scope:
+        for each entry, system/<type>.c (request POST), .d (DELETE), else .u."""
+        source = await source_of(caller, ce_source, request)
         registry.require_loaded()
         raw = await request.body()
         doc = parse_json(raw, limits)
@@ -168,8 +230,11 @@ def publishing_router(
                 "unsupported-bundle",
                 [Issue("POST /fhir takes a transaction or batch Bundle", expression="type")],
             )
-        env = envelope(ce_source, ce_id, ChangeType.UPDATE)
+        env = envelope(source, ce_id, ChangeType.UPDATE)
         if kind == "transaction":
+            for entry in doc.get("entry", ()):
+                if denied := _entry_denied(caller, entry):
+                    raise forbidden(denied)
             accepted = accept_message(raw, env, registry.publishers, limits, env.event_id)
             await forward(accepted)
             entries = [_response_entry("202 Accepted", a) for a in accepted]
@@ -180,6 +245,9 @@ def publishing_router(
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(resource, dict):
                 entries.append(_error_entry(400, Issue("the entry carries no resource")))
+                continue
+            if denied := _entry_denied(caller, entry):
+                entries.append(_error_entry(403, Issue(denied, code="forbidden")))
                 continue
             entry_env = env.evolve(event_id=f"{env.event_id}/{i}")
             try:
@@ -198,6 +266,22 @@ def publishing_router(
         return FhirResponse(_response_bundle("batch-response", entries))
 
     return router
+
+
+_METHOD_PERMISSION = {"POST": "c", "PUT": "u", "DELETE": "d"}
+
+
+def _entry_denied(caller: Caller, entry: Any) -> str | None:
+    """Why the caller may not publish this Bundle entry (None: it may)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+        return None  # validation says what is wrong with it
+    resource_type = entry["resource"].get("resourceType")
+    request = entry.get("request")
+    method = request.get("method") if isinstance(request, dict) else None
+    permission = _METHOD_PERMISSION.get(str(method), "u")
+    if isinstance(resource_type, str) and caller.can(resource_type, permission):
+        return None
+    return f"client {caller.client_id} lacks the scope system/{resource_type}.{permission}"
 
 
 def _response_entry(status: str, accepted: AcceptedResource) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
 
 from hdx_shared.settings import HdxSettings
 
@@ -25,3 +27,34 @@ class ExchangeSettings(HdxSettings):
     rest_hook_backoff_base_seconds: float = Field(default=0.5, gt=0)
     rest_hook_backoff_max_seconds: float = Field(default=30.0, gt=0)
     rest_hook_lease_seconds: float = Field(default=30.0, gt=0)
+
+    # The authorization server (docs/security.md). HDX's signing key, a PEM private key (EC
+    # P-384 or RSA ≥ 2048): the value itself, or a file holding it. A secret: never logged.
+    # Without either, development generates one into <data_dir>/auth/ once; anywhere else
+    # the exchange refuses to start.
+    auth_signing_key: SecretStr | None = None
+    auth_signing_key_file: Path | None = None
+    # Public keys (a JWKS, JSON) of signing keys just retired: tokens they signed stay
+    # valid until they expire. Keep them for at least the token lifetime after a rotation.
+    auth_retired_keys: str | None = None
+    auth_token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
+    # The token endpoint's URL as clients see it: their assertions' aud must be this
+    # (default: <HDX_AUTH_ISSUER>/auth/token).
+    auth_token_url: str | None = None
+    # Client registrations (a JSON list, as POST /admin/clients takes) loaded at start,
+    # created or updated: how an operator registers the first admin client.
+    auth_clients_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _signing_key_outside_development(self) -> ExchangeSettings:
+        no_key = self.auth_signing_key is None and self.auth_signing_key_file is None
+        if self.environment == "production" and self.auth_enabled and no_key:
+            raise ValueError(
+                "the exchange needs HDX_AUTH_SIGNING_KEY or HDX_AUTH_SIGNING_KEY_FILE "
+                "in production (it signs every access token)"
+            )
+        return self
+
+    @property
+    def token_url(self) -> str:
+        return self.auth_token_url or f"{self.auth_issuer.rstrip('/')}/auth/token"

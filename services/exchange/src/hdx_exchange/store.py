@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import insert, or_, update
+from sqlalchemy import delete, insert, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, col, select
 
 from hdx_exchange.domain.audit_chain import GENESIS, Anchor, ChainedRecord, chain_hash
@@ -24,8 +24,10 @@ from hdx_exchange.domain.routing import (
     Subscription,
 )
 from hdx_exchange.models import (
+    AssertionJtiRow,
     AuditHeadRow,
     AuditLogRow,
+    ClientRow,
     DeliveryRow,
     PublisherRow,
     ResourceOwnerRow,
@@ -89,6 +91,38 @@ class ExchangeStore:
                 )
             )
             s.commit()
+
+    # OAuth clients --------------------------------------------------------------------
+    def clients(self) -> list[ClientRow]:
+        with Session(self.engine) as s:
+            return list(s.exec(select(ClientRow).order_by(col(ClientRow.client_id))))
+
+    def client(self, client_id: str) -> ClientRow | None:
+        with Session(self.engine) as s:
+            return s.get(ClientRow, client_id)
+
+    def put_client(self, row: ClientRow) -> None:
+        with Session(self.engine) as s:
+            existing = s.get(ClientRow, row.client_id)
+            if existing is not None:
+                row.created_at = existing.created_at
+            row.updated_at = datetime.now(UTC)
+            s.merge(row)
+            s.commit()
+
+    def use_assertion_jti(self, client_id: str, jti: str, expires_at: datetime) -> bool:
+        """Record a client assertion's jti; False if it was used before (a replay). Expired
+        ones are forgotten: an assertion past its exp is refused anyway."""
+        with Session(self.engine) as s:
+            s.execute(
+                delete(AssertionJtiRow).where(col(AssertionJtiRow.expires_at) < datetime.now(UTC))
+            )
+            s.add(AssertionJtiRow(client_id=client_id, jti=jti, expires_at=expires_at))
+            try:
+                s.commit()
+            except IntegrityError:
+                return False
+            return True
 
     # Subscriptions --------------------------------------------------------------------
     def subscriptions(self) -> list[Subscription]:

@@ -7,6 +7,10 @@ Every person has a version: reads answer ``ETag: W/"<version>"``; the operations
 body (for the others), and answer 409 when a person changed in between — never a silent
 merge of two changes. Every error is an OperationOutcome (the shared handlers turn
 FhirError and HTTPException into one).
+
+Scopes (docs/security.md): reading a golden record system/Patient.r; search, $ihe-pix and
+$match system/Patient.s; review tasks, identity state, merges and the identity operations
+($resolve, $link, $unlink, $merge, $unmerge) system/hdx-identity.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -29,6 +33,7 @@ from hdx_patient_index.domain.matching import Grade
 from hdx_patient_index.models import MergeRow, PersonRow, ReviewTaskPublic, ReviewTaskRow
 from hdx_patient_index.operations import IdentityOperations, OperationResult, event_json
 from hdx_patient_index.service import PatientIndexService, VersionConflict, identity_state
+from hdx_shared.auth import IDENTITY_SCOPE, require_scope
 from hdx_shared.fhir import FhirError, Issue, parse_json, validate_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import Outgoing
@@ -39,6 +44,7 @@ Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]  # module level: FastAPI resolves it
 _ETAG = re.compile(r'^(?:W/)?"?(\d+)"?$')
 
+_IDENTITY = [Depends(require_scope(IDENTITY_SCOPE))]
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
 DEFAULT_MATCH_COUNT = 10
 MAX_MATCH_COUNT = 100
@@ -171,7 +177,7 @@ def build_router(
             "search": search,
         }
 
-    @router.get("/fhir/Patient/$ihe-pix")
+    @router.get("/fhir/Patient/$ihe-pix", dependencies=[Depends(require_scope("system/Patient.s"))])
     def pix_query(
         source_identifier: Annotated[str, Query(alias="sourceIdentifier")],
         target_system: Annotated[list[str] | None, Query(alias="targetSystem")] = None,
@@ -217,7 +223,7 @@ def build_router(
             out["parameter"] = params
         return FhirResponse(out)
 
-    @router.post("/fhir/Patient/$match")
+    @router.post("/fhir/Patient/$match", dependencies=[Depends(require_scope("system/Patient.s"))])
     async def match(request: Request) -> Response:
         """FHIR $match: the persons a Patient may be, best first, with score and match-grade."""
         doc = parse_json(await request.body())
@@ -259,7 +265,9 @@ def build_router(
         ]
         return searchset(entries)
 
-    @router.get("/fhir/Patient/{person_id}")
+    @router.get(
+        "/fhir/Patient/{person_id}", dependencies=[Depends(require_scope("system/Patient.r"))]
+    )
     def read_patient(person_id: str) -> Response:
         """A person's golden record."""
         row = store.person(person_id)
@@ -267,7 +275,7 @@ def build_router(
             raise HTTPException(404, f"Patient/{person_id} is not known")
         return FhirResponse(patient_resource(row), headers={"ETag": etag(row.version)})
 
-    @router.get("/fhir/Patient")
+    @router.get("/fhir/Patient", dependencies=[Depends(require_scope("system/Patient.s"))])
     def search_patients(
         identifier: str | None = None, id_: Annotated[str | None, Query(alias="_id")] = None
     ) -> Response:
@@ -290,7 +298,9 @@ def build_router(
             {**row.model_dump(), "levels": orjson.loads(row.levels)}
         )
 
-    @router.get("/review-tasks", response_class=JSONResponse, tags=["review"])
+    @router.get(
+        "/review-tasks", response_class=JSONResponse, tags=["review"], dependencies=_IDENTITY
+    )
     def review_tasks(
         status: str | None = "open",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -300,7 +310,12 @@ def build_router(
         first); ``person``: only tasks about that person (either side)."""
         return [task_public(row) for row in store.review_tasks(status or None, limit, person)]
 
-    @router.get("/review-tasks/{task_id}", response_class=JSONResponse, tags=["review"])
+    @router.get(
+        "/review-tasks/{task_id}",
+        response_class=JSONResponse,
+        tags=["review"],
+        dependencies=_IDENTITY,
+    )
     def review_task(task_id: str) -> Response:
         """One task, with the versions of both persons (``versions`` for $resolve)."""
         row = store.review_task(task_id)
@@ -337,7 +352,7 @@ def build_router(
             headers["ETag"] = etag(result.persons[etag_person])
         return JSONResponse(result.to_json(), headers=headers)
 
-    @router.post("/review-tasks/{task_id}/$resolve", tags=["review"])
+    @router.post("/review-tasks/{task_id}/$resolve", tags=["review"], dependencies=_IDENTITY)
     async def resolve_task(
         task_id: str, body: ResolveRequest, if_match: IfMatch = None
     ) -> Response:
@@ -353,7 +368,7 @@ def build_router(
             task.person_id,
         )
 
-    @router.post("/fhir/Patient/{person_id}/$link", tags=["identity"])
+    @router.post("/fhir/Patient/{person_id}/$link", tags=["identity"], dependencies=_IDENTITY)
     async def link(person_id: str, body: RecordRequest, if_match: IfMatch = None) -> Response:
         """Link a source record to this person by hand (sticky: the matcher never undoes it)."""
         versions = _versions(body, person_id, if_match)
@@ -362,7 +377,7 @@ def build_router(
             person_id,
         )
 
-    @router.post("/fhir/Patient/{person_id}/$unlink", tags=["identity"])
+    @router.post("/fhir/Patient/{person_id}/$unlink", tags=["identity"], dependencies=_IDENTITY)
     async def unlink(person_id: str, body: RecordRequest, if_match: IfMatch = None) -> Response:
         """Take a source record from this person: a new person of its own, and a no-link."""
         versions = _versions(body, person_id, if_match)
@@ -371,7 +386,7 @@ def build_router(
             person_id,
         )
 
-    @router.post("/fhir/Patient/{person_id}/$merge", tags=["identity"])
+    @router.post("/fhir/Patient/{person_id}/$merge", tags=["identity"], dependencies=_IDENTITY)
     async def merge(person_id: str, body: MergeRequest, if_match: IfMatch = None) -> Response:
         """Merge ``merged`` into this person; a merge-review task is opened, and until it is
         resolved both persons' consents apply (deny wins)."""
@@ -380,7 +395,7 @@ def build_router(
             lambda: ops.merge(person_id, body.merged, body.reviewer, versions), person_id
         )
 
-    @router.post("/fhir/Patient/{person_id}/$unmerge", tags=["identity"])
+    @router.post("/fhir/Patient/{person_id}/$unmerge", tags=["identity"], dependencies=_IDENTITY)
     async def unmerge(person_id: str, body: UnmergeRequest, if_match: IfMatch = None) -> Response:
         """Undo a merge into this person (the newest, or ``merge``, or the one of
         ``merged``); the answer's ``events`` are those emitted while it was in force."""
@@ -396,7 +411,12 @@ def build_router(
             person_id,
         )
 
-    @router.get("/identity/{person_id}", response_class=JSONResponse, tags=["identity"])
+    @router.get(
+        "/identity/{person_id}",
+        response_class=JSONResponse,
+        tags=["identity"],
+        dependencies=_IDENTITY,
+    )
     def identity(person_id: str) -> dict[str, Any]:
         """Is this person's identity uncertain now, and which persons may it be?"""
         with store.reading() as s:
@@ -411,21 +431,28 @@ def build_router(
             "merges": list(state.merges),
         }
 
-    @router.get("/merges", response_class=JSONResponse, tags=["identity"])
+    @router.get("/merges", response_class=JSONResponse, tags=["identity"], dependencies=_IDENTITY)
     def merges(
         person: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[dict[str, Any]]:
         """Merges, newest first (``person``: into or of that person)."""
         return [merge_json(m) for m in store.merges(person, limit)]
 
-    @router.get("/merges/{merge_id}", response_class=JSONResponse, tags=["identity"])
+    @router.get(
+        "/merges/{merge_id}", response_class=JSONResponse, tags=["identity"], dependencies=_IDENTITY
+    )
     def merge_detail(merge_id: str) -> dict[str, Any]:
         row = store.merge(merge_id)
         if row is None:
             raise HTTPException(404, f"merge {merge_id} is not known")
         return merge_json(row)
 
-    @router.get("/merges/{merge_id}/events", response_class=JSONResponse, tags=["identity"])
+    @router.get(
+        "/merges/{merge_id}/events",
+        response_class=JSONResponse,
+        tags=["identity"],
+        dependencies=_IDENTITY,
+    )
     def merge_events(merge_id: str) -> dict[str, Any]:
         """The events emitted for the survivor between the merge and the unmerge (or now):
         what recipients may have received under the merged identity, for review."""

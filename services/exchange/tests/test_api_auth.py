@@ -1,0 +1,290 @@
+"""The exchange's HTTP API in-process with its real authorization server: the open
+endpoints, 401/403 as OperationOutcomes on every protected one, a publisher confined to its
+own source (refused and audited otherwise) and a subscriber to its own Subscriptions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from hdx_exchange.api import build_routers
+from hdx_exchange.audit_log import AuditLog
+from hdx_exchange.domain.ingress import Publisher
+from hdx_exchange.models import SubscriptionRow
+from hdx_exchange.oauth import AuthorizationServer, ClientIn, auth_routers, verification_keys
+from hdx_exchange.pipeline import Registry
+from hdx_exchange.rest_publish import publishing_router
+from hdx_exchange.settings import ExchangeSettings
+from hdx_exchange.store import ExchangeStore
+from hdx_shared.auth import (
+    ADMIN_SCOPE,
+    Authenticator,
+    Key,
+    StaticKeys,
+    TokenIssuer,
+    clients_file_entry,
+    generate_key,
+    token_request,
+)
+from hdx_shared.db import make_engine
+from hdx_shared.fhir import FHIR_JSON, Limits, validate_resource
+from hdx_shared.http import FhirResponse, install_fhir_errors
+from hdx_shared.messaging import Outgoing
+from hdx_shared.topics import Topics
+
+BASE = "http://testserver"
+ST_MARYS, RIVERSIDE = "urn:hdx:org:st-marys", "urn:hdx:org:riverside"
+TOPICS = Topics("hdx.")
+ADA = {
+    "resourceType": "Patient",
+    "id": "sm-1",
+    "name": [{"family": "Lovelace", "given": ["Ada"]}],
+    "gender": "female",
+}
+
+
+class Exchange:
+    def __init__(self, tmp_path: Path) -> None:
+        self.settings = ExchangeSettings(
+            environment="test", data_dir=tmp_path, auth_issuer=BASE, public_base_url=BASE
+        )
+        self.store = ExchangeStore(make_engine(self.settings))
+        self.store.create_schema()
+        for source in (ST_MARYS, RIVERSIDE):
+            self.store.put_publisher(Publisher(source, source, f"{source}/patient-id"))
+        self.registry = Registry(self.store)
+        self.registry.refresh()
+        self.sent: list[Outgoing] = []
+        key = generate_key()
+        keys = verification_keys(self.settings, key)
+        issuer = TokenIssuer(key, BASE, self.settings.auth_audience)
+        server = AuthorizationServer(self.store, issuer, self.settings.token_url)
+
+        async def publish(out: Sequence[Outgoing]) -> None:
+            self.sent.extend(out)
+
+        app = FastAPI(default_response_class=FhirResponse)
+        install_fhir_errors(app)
+        app.state.hdx_auth = Authenticator.from_settings(self.settings, StaticKeys(keys))
+        audit = AuditLog(self.store, TOPICS, self.settings)
+        for router in (
+            *auth_routers(server, self.settings, keys),
+            *build_routers(self.store, self.registry, TOPICS, self.settings, audit),
+            publishing_router(self.registry, TOPICS, Limits(), publish),
+        ):
+            app.include_router(router)
+        self.http = TestClient(app)
+        self.keys: dict[str, Key] = {}
+
+    def register(self, client_id: str, scope: str, **bindings: str) -> None:
+        self.keys[client_id] = generate_key()
+        entry = clients_file_entry(client_id, self.keys[client_id], scope, **bindings)
+        self.store.put_client(ClientIn.model_validate(entry).row())
+
+    def token(self, client_id: str, scope: str | None = None) -> dict[str, str]:
+        form = token_request(client_id, self.keys[client_id], self.settings.token_url, scope)
+        r = self.http.post("/auth/token", data=form)
+        assert r.status_code == 200, r.text
+        assert r.headers["cache-control"] == "no-store"
+        return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+    def subscription(self, sid: str, subscriber: str) -> None:
+        self.store.save_subscription(
+            SubscriptionRow(
+                id=sid,
+                subscriber=subscriber,
+                recipient=f"Organization/{subscriber}",
+                purpose="TREAT",
+                criteria="Observation",
+                channel="message",
+                resource=b'{"resourceType": "Subscription"}',
+            )
+        )
+
+
+@pytest.fixture
+def ex(tmp_path: Path) -> Iterator[Exchange]:
+    exchange = Exchange(tmp_path)
+    exchange.register("admin", f"system/*.cruds {ADMIN_SCOPE}")
+    exchange.register("st-marys", "system/Patient.cud", source=ST_MARYS)
+    exchange.register("oakwood", "system/Subscription.crus", subscriber="Organization/oakwood")
+    exchange.register("elm-house", "system/Subscription.crus", subscriber="elm-house")
+    yield exchange
+    exchange.store.engine.dispose()
+
+
+def outcome(r: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = r.json()
+    assert doc["resourceType"] == "OperationOutcome", doc
+    return doc["issue"][0]
+
+
+def test_the_open_endpoints(ex: Exchange) -> None:
+    for path in ("/.well-known/smart-configuration", "/fhir/.well-known/smart-configuration"):
+        config = ex.http.get(path).json()
+        assert config["token_endpoint"] == f"{BASE}/auth/token"
+        assert config["token_endpoint_auth_methods_supported"] == ["private_key_jwt"]
+        assert config["capabilities"] == ["client-confidential-asymmetric"]
+        assert {"ES384", "RS384"} <= set(config["token_endpoint_auth_signing_alg_values_supported"])
+        assert "system/Patient.rs" in config["scopes_supported"]
+    [key] = ex.http.get("/auth/jwks").json()["keys"]
+    assert key["kid"] and "d" not in key
+    metadata = ex.http.get("/fhir/metadata")
+    assert metadata.status_code == 200
+    security = metadata.json()["rest"][0]["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+    assert security["extension"][0]["extension"] == [
+        {"url": "token", "valueUri": f"{BASE}/auth/token"}
+    ]
+    validate_resource(metadata.json())
+    r = ex.http.post("/auth/token", data={"grant_type": "client_credentials"})
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+    r = ex.http.post("/auth/token", data={"grant_type": "authorization_code"})
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "scope"),
+    [
+        ("GET", "/admin/publishers", ADMIN_SCOPE),
+        ("POST", "/admin/publishers", ADMIN_SCOPE),
+        ("GET", "/admin/clients", ADMIN_SCOPE),
+        ("GET", "/admin/audit/verify", ADMIN_SCOPE),
+        ("GET", "/fhir/AuditEvent?patient=Patient/p1", "system/AuditEvent.s"),
+        ("POST", "/fhir/Subscription", "system/Subscription.c"),
+        ("GET", "/fhir/Subscription/s1", "system/Subscription.r"),
+        ("GET", "/fhir/Subscription/s1/$events", "system/Subscription.r"),
+        ("POST", "/fhir/Observation", "system/Observation.c"),
+        ("PUT", "/fhir/Observation/o1", "system/Observation.u"),
+        ("DELETE", "/fhir/Observation/o1", "system/Observation.d"),
+    ],
+)
+def test_no_token_is_401_and_a_missing_scope_403(
+    ex: Exchange, method: str, path: str, scope: str
+) -> None:
+    r = ex.http.request(method, path, content=b"{}")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert outcome(r)["code"] == "login"
+    r = ex.http.request(method, path, content=b"{}", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and outcome(r)["code"] == "login"
+    r = ex.http.request(method, path, content=b"{}", headers=ex.token("st-marys"))
+    assert r.status_code == 403, r.text
+    assert outcome(r)["code"] == "forbidden" and scope in outcome(r)["diagnostics"]
+
+
+def test_the_admin_manages_clients(ex: Exchange) -> None:
+    admin = ex.token("admin")
+    key = generate_key()
+    entry = clients_file_entry("new-gp", key, "system/Patient.rs", source="urn:hdx:org:gp")
+    assert ex.http.post("/admin/clients", json=entry, headers=admin).status_code == 201
+    assert ex.http.post("/admin/clients", json=entry, headers=admin).status_code == 409
+    listed = [c["client_id"] for c in ex.http.get("/admin/clients", headers=admin).json()]
+    assert "new-gp" in listed
+    r = ex.http.delete("/admin/clients/new-gp", headers=admin)
+    assert r.status_code == 200 and r.json()["active"] is False
+    form = token_request("new-gp", key, ex.settings.token_url, None)
+    assert ex.http.post("/auth/token", data=form).json()["error"] == "invalid_client"
+    bad = {**entry, "jwks": {"keys": [key.as_dict(private=True)]}}
+    r = ex.http.put("/admin/clients/new-gp", json=bad, headers=admin)
+    assert r.status_code == 400 and outcome(r)["severity"] == "error"
+
+
+def test_a_publisher_publishes_as_itself_only_and_the_attempt_is_audited(ex: Exchange) -> None:
+    token = ex.token("st-marys") | {"content-type": FHIR_JSON}
+    body = orjson.dumps(ADA)
+    r = ex.http.post("/fhir/Patient", content=body, headers=token)  # no ce-source: its own
+    assert r.status_code == 202, r.text
+    [accepted] = ex.sent
+    assert accepted.topic == TOPICS.validated and accepted.headers["ce_source"] == ST_MARYS
+    ex.sent.clear()
+
+    r = ex.http.post("/fhir/Patient", content=body, headers=token | {"ce-source": RIVERSIDE})
+    assert r.status_code == 403 and outcome(r)["code"] == "forbidden"
+    [alert] = ex.sent
+    assert alert.topic == TOPICS.audit
+    event = orjson.loads(alert.value)
+    assert event["resourceType"] == "AuditEvent" and event["outcome"] == "8"
+    assert event["type"]["code"] == "110113"
+    assert event["agent"][0]["who"]["identifier"]["value"] == "st-marys"
+    claimed = [e["what"]["identifier"]["value"] for e in event["entity"]]
+    assert claimed == [RIVERSIDE, ST_MARYS]
+    assert b"Lovelace" not in alert.value and b"sm-1" not in alert.value  # no patient data
+    validate_resource(event)  # valid FHIR R4
+
+    ex.sent.clear()
+    r = ex.http.put("/fhir/Patient/sm-1", content=body, headers=token | {"ce-source": ST_MARYS})
+    assert r.status_code == 202
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": {**ADA, "id": "sm-2"}}, {"resource": {**ADA, "id": "sm-3"}}],
+    }
+    r = ex.http.post("/fhir", content=orjson.dumps(bundle), headers=token | {"ce-source": "x"})
+    assert r.status_code == 403
+
+
+def test_a_client_without_a_source_cannot_publish(ex: Exchange) -> None:
+    ex.register("gp-reader", "system/Patient.cruds")
+    headers = ex.token("gp-reader") | {"content-type": FHIR_JSON, "ce-source": ST_MARYS}
+    r = ex.http.post("/fhir/Patient", content=orjson.dumps(ADA), headers=headers)
+    assert r.status_code == 403 and "not bound to a publisher" in outcome(r)["diagnostics"]
+    assert [o.topic for o in ex.sent] == [TOPICS.audit]
+
+
+def test_a_bundle_entry_needs_the_scope_for_its_type(ex: Exchange) -> None:
+    token = ex.token("st-marys") | {"content-type": FHIR_JSON}
+    obs = {"resourceType": "Observation", "id": "o1", "status": "final"}
+    obs |= {"code": {"text": "x"}, "subject": {"reference": "Patient/sm-1"}}
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": obs}]}
+    r = ex.http.post("/fhir", content=orjson.dumps(batch), headers=token)
+    assert [e["response"]["status"] for e in r.json()["entry"]] == ["403"]
+    r = ex.http.post("/fhir", content=orjson.dumps({**batch, "type": "transaction"}), headers=token)
+    assert r.status_code == 403 and "system/Observation.u" in outcome(r)["diagnostics"]
+
+
+def test_a_subscriber_sees_only_its_own_subscriptions(ex: Exchange) -> None:
+    ex.subscription("s-oak", "oakwood")
+    ex.subscription("s-elm", "elm-house")
+    oak = ex.token("oakwood")
+    assert ex.http.get("/fhir/Subscription/s-oak", headers=oak).status_code == 200
+    assert ex.http.get("/fhir/Subscription/s-oak/$status", headers=oak).status_code == 200
+    for path in ("", "/$status", "/$events"):
+        r = ex.http.get(f"/fhir/Subscription/s-elm{path}", headers=oak)
+        assert r.status_code == 403 and "elm-house" in outcome(r)["diagnostics"]
+    found = ex.http.get("/fhir/Subscription", headers=oak).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == ["s-oak"]
+    r = ex.http.get("/fhir/Subscription", params={"subscriber": "elm-house"}, headers=oak)
+    assert r.status_code == 403
+    sub = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "x",
+        "criteria": "Observation",
+        "extension": [
+            {
+                "url": "https://hdx.example.org/fhir/StructureDefinition/recipient",
+                "valueReference": {"reference": "Organization/elm-house"},
+            }
+        ],
+        "channel": {"type": "message", "payload": "application/fhir+json"},
+    }
+    r = ex.http.post(
+        "/fhir/Subscription", content=orjson.dumps(sub), headers=oak | {"content-type": FHIR_JSON}
+    )
+    assert r.status_code == 403
+    admin = ex.token("admin", "system/Subscription.rs system/hdx-admin")
+    assert ex.http.get("/fhir/Subscription/s-elm", headers=admin).status_code == 200
+
+
+def test_the_audit_trail_needs_its_scope(ex: Exchange) -> None:
+    ex.register("auditor", "system/AuditEvent.s")
+    r = ex.http.get(
+        "/fhir/AuditEvent", params={"patient": "Patient/p1"}, headers=ex.token("auditor")
+    )
+    assert r.status_code == 200 and r.json()["total"] == 0
