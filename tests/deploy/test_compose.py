@@ -19,6 +19,7 @@ REPLICATED = {"patient-index": 2, "exchange": 2}
 INFRA_IMAGES = {  # service -> image repository that must be used, pinned
     "kafka": "apache/kafka",
     "topics": "apache/kafka",
+    "kafka-acls": "apache/kafka",
     "postgres": "postgres",
     "otel-collector": "otel/opentelemetry-collector-contrib",
     "jaeger": "jaegertracing/all-in-one",
@@ -207,6 +208,7 @@ def test_hdx_service_is_hardened_and_checked(compose_model: dict[str, Any], name
     assert "127.0.0.1:8000/readyz" in test
     assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert svc["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert svc["depends_on"]["kafka-acls"]["condition"] == "service_completed_successfully"
     assert [p["target"] for p in svc["ports"]] == [8000]
     assert all(p["host_ip"] == "127.0.0.1" for p in svc["ports"])
     env = svc["environment"]
@@ -292,13 +294,14 @@ def _check_brokers(model: dict[str, Any], count: int) -> None:
         assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
         assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
         assert int(env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) == count
-        assert f"PLAINTEXT://{name}:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+        assert f"CLIENT://{name}:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
         assert len({e["CLUSTER_ID"] for e in brokers.values()}) == 1
         assert model["services"][name]["healthcheck"]["test"]
     bootstrap = model["services"]["exchange"]["environment"]["HDX_KAFKA_BOOTSTRAP_SERVERS"]
     assert {b.split(":")[0] for b in bootstrap.split(",")} == set(brokers)
     topics_env = model["services"]["topics"]["environment"]
-    assert topics_env["BOOTSTRAP_SERVERS"] == bootstrap
+    # As the admin, on the admin listener (test_kafka_security checks the logins).
+    assert topics_env["BOOTSTRAP_SERVERS"] == bootstrap.replace(":9092", ":9091")
     assert int(topics_env["REPLICATION_FACTOR"]) == count
     assert int(topics_env["MIN_INSYNC_REPLICAS"]) == (1 if count == 1 else 2)
 
@@ -321,11 +324,12 @@ def test_topics_job_runs_the_script(compose_model: dict[str, Any]) -> None:
     job = compose_model["services"]["topics"]
     assert job["restart"] == "no"
     assert job["entrypoint"] == ["/bin/bash", "/hdx/create-topics.sh"]
-    (mount,) = job["volumes"]
+    mounts = {v["target"]: v for v in job["volumes"]}
+    mount = mounts["/hdx/create-topics.sh"]
     assert Path(mount["source"]) == DEPLOY / "create-topics.sh" and mount["read_only"]
     assert job["depends_on"]["kafka"]["condition"] == "service_healthy"
     script = (DEPLOY / "create-topics.sh").read_text()
-    assert "/opt/kafka/bin/kafka-topics.sh" in script and "--if-not-exists" in script
+    assert "/opt/kafka/bin}/kafka-topics.sh" in script and "--if-not-exists" in script
 
 
 # ------------------------------------------------------------------ observability
