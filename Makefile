@@ -18,13 +18,13 @@ $(BIN)/hdx: pyproject.toml uv.lock shared/pyproject.toml services/*/pyproject.to
 
 install: $(BIN)/hdx ## Install HDX and its dev tools into .venv (uv workspace, locked)
 
-run: install ## Run HDX: embedded broker, SQLite under data/, all three services, demo seed
+run: install ## Run HDX: embedded broker, SQLite under data/, all three services, demo seed and keys (prints how to get a token)
 	$(BIN)/hdx run
 
 test: install ## Run the whole suite, flow tests on a real broker included
 	$(BIN)/pytest
 
-test-reliability: install ## The long crash (SIGKILLs) and broker-restart runs, figures → bench/results/
+test-reliability: install ## The long broker-restart run (the crash run is in make test), figures → bench/results/
 	$(BIN)/pytest tests/reliability -m soak -s
 
 test-fast: install ## Unit tests only (no broker, no database)

@@ -21,11 +21,17 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 from confluent_kafka import TopicPartition as TP
 
 from hdx_consent.examples import consent, provision
-from hdx_shared.devstack import SERVICES, LocalStack, ServiceProcess
+from hdx_shared.devstack import (
+    SERVICES,
+    LocalStack,
+    ServiceProcess,
+    exchange_auth_env,
+    remember_exchange,
+)
 from hdx_shared.embedded_broker import free_port
 from hdx_shared.envelope import derive_event_id
 from hdx_shared.topics import Topics
-from tests.support import NHS, subscription_resource
+from tests.support import NHS, api, subscription_resource
 
 FHIR_JSON = {"content-type": "application/fhir+json"}
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +109,7 @@ class Subscriber:
 
 def subscribe(stack: LocalStack, topics: Topics, org: str, criteria: str) -> Subscriber:
     recipient = f"Organization/{org}"
-    r = httpx.post(
+    r = api(stack).post(
         f"{stack.url('exchange')}/fhir/Subscription",
         content=orjson.dumps(subscription_resource(recipient, criteria)),
         headers=FHIR_JSON,
@@ -116,7 +122,7 @@ def subscribe(stack: LocalStack, topics: Topics, org: str, criteria: str) -> Sub
 def deny_recipient(stack: LocalStack, nhs: str, recipient: str) -> str:
     """A patient-privacy Consent, filed under the NHS number, denying one recipient."""
     doc = consent(provision("deny", actor=[recipient]), patient=None, identifier=(NHS, nhs))
-    r = httpx.post(
+    r = api(stack).post(
         f"{stack.url('consent')}/fhir/Consent",
         content=orjson.dumps(doc),
         headers=FHIR_JSON,
@@ -273,12 +279,34 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
 
 
 def end_offsets(bootstrap: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """Each partition's end offset (the next offset to be written), as a fetch reports it.
+
+    Not ListOffsets: the embedded Tansu answers it with the base offset of the partition's
+    newest record batch plus one, short of the end by the rest of that batch (a reader that
+    trusted it would stop early and call the batch's tail lost). A fetch's high watermark is
+    right, so each partition is read from just before that offset until a fetch answered."""
     consumer = _consumer(bootstrap)
     try:
-        out: dict[tuple[str, int], int] = {}
+        starts: list[TP] = []
         for topic in topics:
             for p in _partitions(consumer, topic):
-                out[(topic, p)] = consumer.get_watermark_offsets(TP(topic, p), timeout=10)[1]
+                low, high = consumer.get_watermark_offsets(TP(topic, p), timeout=10)
+                starts.append(TP(topic, p, max(high - 1, low, 0)))
+        if not starts:
+            return {}
+        consumer.assign(starts)
+        out: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + 30
+        while len(out) < len(starts):
+            consumer.consume(num_messages=1000, timeout=0.1)
+            for tp in starts:
+                high = consumer.get_watermark_offsets(TP(tp.topic, tp.partition), cached=True)[1]
+                if high >= 0:
+                    out[(tp.topic, tp.partition)] = high
+            missing = [
+                (tp.topic, tp.partition) for tp in starts if (tp.topic, tp.partition) not in out
+            ]
+            assert time.monotonic() < deadline, f"no fetch answered for {missing}"
         return out
     finally:
         consumer.close()
@@ -294,9 +322,11 @@ class TopicTail:
         self.consumer = _consumer(bootstrap)
         self.records: list[Rec] = []
         self._assigned: set[tuple[str, int]] = set()
+        self._assigned_at = 0.0
         self._assign()
 
     def _assign(self) -> None:
+        self._assigned_at = time.monotonic()
         parts = [
             (topic, p)
             for topic in self.topics
@@ -308,6 +338,10 @@ class TopicTail:
             self.consumer.incremental_assign([TP(t, p, OFFSET_BEGINNING) for t, p in parts])
 
     def poll(self, seconds: float = 0.2) -> int:
+        if time.monotonic() - self._assigned_at > 1.0:
+            # A topic created since (a feed, or one a restarted broker re-created) or
+            # partitions added: read those too.
+            self._assign()
         got = 0
         for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
             if msg.error():
@@ -323,9 +357,8 @@ class TopicTail:
 
     def to_end(self, timeout: float = 60.0) -> list[Rec]:
         self._assign()
-        ends = {
-            tp: self.consumer.get_watermark_offsets(TP(*tp), timeout=10)[1] for tp in self._assigned
-        }
+        known = end_offsets(self.bootstrap, self.topics)
+        ends = {tp: known.get(tp, 0) for tp in self._assigned}
         deadline = time.monotonic() + timeout
         while True:
             seen: dict[tuple[str, int], int] = {}
@@ -376,14 +409,14 @@ def group_lag(bootstrap: str, group: str, topic: str) -> int:
     try:
         parts = [TP(topic, p) for p in _partitions(consumer, topic)]
         committed = consumer.committed(parts, timeout=10)
-        lag = 0
-        for tp in committed:
-            end = consumer.get_watermark_offsets(TP(tp.topic, tp.partition), timeout=10)[1]
-            done = tp.offset if tp.offset >= 0 else 0
-            lag += max(end - done, 0)
-        return lag
     finally:
         consumer.close()
+    ends = end_offsets(bootstrap, [topic])
+    lag = 0
+    for tp in committed:
+        done = tp.offset if tp.offset >= 0 else 0
+        lag += max(ends.get((tp.topic, tp.partition), 0) - done, 0)
+    return lag
 
 
 def lags(bootstrap: str, topics: Topics) -> dict[str, int]:
@@ -472,6 +505,8 @@ def start_exchange_only(
         "HDX_HTTP_PORT": str(port),
         "HDX_DATA_DIR": str(data_dir),
         "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+        # HDX's token signing key and an admin client, as LocalStack gives its exchange.
+        **exchange_auth_env(data_dir / "auth", f"http://127.0.0.1:{port}"),
         **stack_env(prefix, idempotence=idempotence, **more),
     }
     proc = ServiceProcess(spec, port, env, data_dir / "logs" / "exchange.log")
@@ -481,6 +516,7 @@ def start_exchange_only(
     except BaseException:
         proc.stop()
         raise
+    remember_exchange(proc.url, data_dir / "auth")
     return proc
 
 

@@ -45,7 +45,7 @@ from tests.reliability.harness import (
 )
 from tests.support import nhs_number, observation, patient, register_publisher
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.soak]
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 # The target. The five kill-and-restart cycles, not the message count, set the run
 # time (about 100 s on a two-core machine with the embedded broker); scale it down with

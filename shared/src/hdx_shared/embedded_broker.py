@@ -115,7 +115,9 @@ class EmbeddedBroker:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(5)
+                # Memory storage: nothing to flush, and with clients connected Tansu may not
+                # exit on SIGTERM at all.
+                self.process.wait(2)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)

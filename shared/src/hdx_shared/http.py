@@ -19,9 +19,17 @@ from fastapi.responses import Response
 from faststream.kafka import KafkaBroker
 from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hdx_shared.auth import Authenticator, install_auth
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
-from hdx_shared.messaging import StageHealth, Unavailable, ensure_topics, start_broker
+from hdx_shared.messaging import (
+    StageHealth,
+    Unavailable,
+    ensure_topics,
+    keep_topics,
+    start_broker,
+)
 from hdx_shared.settings import HdxSettings
 from hdx_shared.telemetry import instrument_app
 from hdx_shared.topics import Topics
@@ -47,7 +55,7 @@ def install_fhir_errors(app: FastAPI) -> None:
 
     @app.exception_handler(FhirError)
     async def _fhir_error(_req: Request, exc: FhirError) -> Response:
-        return FhirResponse(exc.outcome(), status_code=exc.http_status)
+        return FhirResponse(exc.outcome(), status_code=exc.http_status, headers=exc.headers)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_req: Request, exc: Unavailable) -> Response:
@@ -67,6 +75,7 @@ def install_fhir_errors(app: FastAPI) -> None:
             404: "not-found",
             401: "login",
             403: "forbidden",
+            413: "too-costly",
             405: "not-supported",
             409: "conflict",
             412: "conflict",
@@ -102,11 +111,9 @@ class ServiceRuntime:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = [] if self.started else ["starting"]
-        reasons += [
-            f"{s.name}: {s.reason}"
-            for s in self.stages
-            if not s.ready and s.reason != "not started" and s.reason != "ok"
-        ]
+        # A stage waiting on a dependency, whose consume loop ended, or whose commits,
+        # publishes or fetches keep failing (StageHealth.problem).
+        reasons += [f"{s.name}: {problem}" for s in self.stages if (problem := s.problem())]
         reasons += [r for check in self.readiness_checks if (r := check())]
         return reasons
 
@@ -115,13 +122,26 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process is up and serving."""
-        return {"status": "ok", "service": runtime.settings.service_name}
+    async def healthz() -> Response:
+        """Liveness: the process is up and serving, and no stage's consume loop has ended
+        (a stopped loop never comes back by itself: the process must be restarted)."""
+        stopped = [s.name for s in runtime.stages if s.loop_stopped()]
+        body = {
+            "status": "ok" if not stopped else "consume loop stopped",
+            "service": runtime.settings.service_name,
+            **({"stages": stopped} if stopped else {}),
+        }
+        return Response(
+            orjson.dumps(body),
+            status_code=200 if not stopped else 503,
+            media_type="application/json",
+        )
 
     @router.get("/readyz")
     async def readyz() -> Response:
-        """Readiness: connected, state loaded, no stage waiting on an unavailable dependency."""
+        """Readiness: connected, state loaded, every stage consuming: none waiting on an
+        unavailable dependency, none whose consume loop ended, none whose commits,
+        publishes or fetches have been failing longer than HDX_STAGE_FAILURE_SECONDS."""
         reasons = runtime.not_ready_reasons()
         body = {
             "status": "ready" if not reasons else "not-ready",
@@ -131,6 +151,7 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
                     "name": s.name,
                     "ready": s.ready,
                     "reason": s.reason,
+                    "problem": s.problem(),
                     "messages": s.messages,
                     "dead_lettered": s.dead_lettered,
                 }
@@ -146,10 +167,58 @@ def health_router(runtime: ServiceRuntime) -> APIRouter:
     return router
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over the limit of {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before it is
+    read — at once when Content-Length says so, else as soon as the count passes it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_large = int(value) > self.max_bytes
+                except ValueError:
+                    too_large = False
+                if too_large:
+                    issue = Issue(str(BodyTooLarge(self.max_bytes).detail), code="too-costly")
+                    await outcome_response(413, [issue])(scope, receive, send)
+                    return
+        seen = 0
+
+        async def counting() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counting, send)
+
+
 def create_service_app(
-    runtime: ServiceRuntime, *, title: str, routers: Sequence[APIRouter]
+    runtime: ServiceRuntime,
+    *,
+    title: str,
+    routers: Sequence[APIRouter],
+    auth: Authenticator | None = None,
 ) -> FastAPI:
-    """The HTTP app and the Kafka broker share one lifespan: both start, both stop."""
+    """The HTTP app and the Kafka broker share one lifespan: both start, both stop.
+
+    Every route a router brings is as protected as its dependencies say (hdx_shared.auth);
+    `auth` defaults to checking tokens against the issuer's JWKS from the settings."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -158,6 +227,8 @@ def create_service_app(
             await hook()
         await start_broker(runtime.broker)
         tasks = [asyncio.create_task(loop()) for loop in runtime.background]
+        # A broker that restarted without its data: its topics come back (see keep_topics).
+        tasks.append(asyncio.create_task(keep_topics(runtime.settings, runtime.topics.core)))
         runtime.started = True
         log.info("%s started", runtime.settings.service_name)
         try:
@@ -178,6 +249,8 @@ def create_service_app(
 
     app = FastAPI(title=title, lifespan=lifespan, default_response_class=FhirResponse)
     install_fhir_errors(app)
+    install_auth(app, auth or Authenticator.from_settings(runtime.settings))
+    app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
     app.include_router(health_router(runtime))
     # Prometheus scrapes this; the Kafka middleware and the stages feed it.
     app.mount("/metrics", make_asgi_app())

@@ -11,6 +11,12 @@ Two kinds of failure are told apart:
 - anything else (a bug a particular message triggers): after `max_delivery_attempts` the
   batch is taken apart, and the one message that still fails goes to the dead-letter topic
   with the reason; the partition moves on.
+
+Logs: while a stage handles a batch, the OpenTelemetry context is that of the batch's first
+message (its CONSUMER span) and `stage` is bound for structlog, so every line logged — by the
+handler, the database layer or this module — carries that message's `trace_id`/`span_id`.
+Work on one message of a batch runs under `handling(message)`, which makes that message's
+span current and binds its `event_id` and `origin`; dead letters are logged that way.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span, SpanKind
@@ -194,6 +202,45 @@ def dead_letter_for(topics: Topics, message: Inbound, error: FhirError) -> Outgo
     return dead_letter(topics, message, error.reason, error.outcome())
 
 
+@contextlib.contextmanager
+def _traced_as(message: Inbound) -> Iterator[None]:
+    """The message's trace context (its CONSUMER span once the stage made one; else the
+    producer's, if the record carried one) is the current OpenTelemetry context."""
+    extra = message.envelope.extra
+    if Header.TRACEPARENT.value not in extra:
+        yield
+        return
+    token = otel_context.attach(extract(extra))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def handling(message: Inbound) -> Iterator[None]:
+    """Work on one message of a batch: its span is current (so log lines carry its
+    `trace_id`/`span_id`, and database or HTTP spans join its trace) and its `event_id` and
+    `origin` (topic/partition/offset) are bound for structlog. Never payload data."""
+    bound: dict[str, str] = {"origin": message.origin}
+    if message.envelope.event_id:
+        bound["event_id"] = message.envelope.event_id
+    with _traced_as(message), structlog.contextvars.bound_contextvars(**bound):
+        yield
+
+
+@contextlib.contextmanager
+def _batch_scope(batch: Sequence[Inbound], stage: str) -> Iterator[None]:
+    """While a stage handles a batch: the first message's trace context and the stage name.
+    Lines about the whole batch (waiting, retrying) carry the first message's ids."""
+    with structlog.contextvars.bound_contextvars(stage=stage):
+        if not batch:
+            yield
+            return
+        with _traced_as(batch[0]):
+            yield
+
+
 def _ssl_context(settings: HdxSettings) -> ssl.SSLContext | None:
     # The system trust store, or SSL_CERT_FILE (e.g. a Strimzi cluster CA) when it is set.
     if settings.kafka_security_protocol in ("SASL_SSL", "SSL"):
@@ -237,6 +284,7 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         linger_ms=1,
+        metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
         # Per-batch "Received"/"Processed" lines are debugging detail, not operations.
         log_level=logging.DEBUG,
         client_id=settings.service_name,
@@ -246,26 +294,71 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
     )
 
 
-async def ensure_topics(settings: HdxSettings, specs: Sequence[TopicSpec]) -> None:
-    """Create the topics that do not exist yet; existing ones are left as they are."""
+async def ensure_topics(settings: HdxSettings, specs: Sequence[TopicSpec]) -> list[str]:
+    """Create the topics that do not exist yet (their names); existing ones are left as
+    they are."""
     admin = AIOKafkaAdminClient(**client_config(settings))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        missing = [s for s in specs if s.name not in existing]
-        if not missing:
-            return
-        replicas = settings.topic_replication_factor
-        # Another service may have created it in the meantime: that is fine.
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(
-                [
-                    NewTopic(s.name, s.partitions, replicas, topic_configs=s.topic_config())
-                    for s in missing
-                ]
-            )
+        return await _create_missing(admin, settings, specs)
     finally:
         await admin.close()
+
+
+async def _create_missing(
+    admin: AIOKafkaAdminClient, settings: HdxSettings, specs: Sequence[TopicSpec]
+) -> list[str]:
+    existing = set(await admin.list_topics())
+    missing = [s for s in specs if s.name not in existing]
+    if not missing:
+        return []
+    replicas = settings.topic_replication_factor
+    # Another service may have created it in the meantime: that is fine.
+    with contextlib.suppress(TopicAlreadyExistsError):
+        await admin.create_topics(
+            [
+                NewTopic(s.name, s.partitions, replicas, topic_configs=s.topic_config())
+                for s in missing
+            ]
+        )
+    return [s.name for s in missing]
+
+
+async def keep_topics(settings: HdxSettings, specs: Callable[[], Sequence[TopicSpec]]) -> None:
+    """Every `topic_check_seconds`, create the topics that have gone missing.
+
+    A broker that restarted without its data (the embedded Tansu keeps everything in
+    memory) has forgotten every topic. Clients that ask for a topic's metadata get it
+    created with the broker's defaults (Tansu: 4 partitions, no configuration); the ones
+    nobody asked for yet are created here with HDX's partitions and policies."""
+    admin: AIOKafkaAdminClient | None = None
+    failing = False
+    try:
+        while True:
+            await asyncio.sleep(settings.topic_check_seconds)
+            try:
+                if admin is None:
+                    admin = AIOKafkaAdminClient(**client_config(settings))
+                    await admin.start()
+                created = await _create_missing(admin, settings, specs())
+            except Exception as exc:
+                if not failing:  # once per outage, not every few seconds
+                    log.warning("cannot check the topics: %s: %s", type(exc).__name__, exc)
+                failing = True
+                if admin is not None:
+                    with contextlib.suppress(Exception):
+                        await admin.close()
+                    admin = None
+                continue
+            if created:
+                log.warning("re-created missing topics: %s", ", ".join(created))
+            elif failing:
+                log.info("the topics are there again")
+            failing = False
+    finally:
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
 
 async def start_broker(broker: KafkaBroker) -> None:
@@ -307,6 +400,7 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
                 for o in outgoing
             ]
         else:
+            await _refresh_if_reconnected(producer, {o.topic for o in outgoing})
             # Straight to the broker's own aiokafka producer: the records are bytes already,
             # so faststream's per-message encoding and middleware would be pure overhead.
             futures = [
@@ -318,10 +412,83 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
                 )
                 for o in outgoing
             ]
-        await asyncio.gather(*futures)
+        acked = await asyncio.gather(*futures)
+        if producer is not None:
+            await _refuse_unread_partitions(producer, acked)
     finally:
         for span in spans:
             span.end()
+
+
+class PartitionGone(Exception):
+    """A record may have gone where no consumer reads it: publish it again."""
+
+
+# The broker connections each producer had at its last publish. One of them gone means the
+# producer lost it and reconnected (new connections beside them are just more brokers).
+_known_connections: dict[int, frozenset[Any]] = {}
+# When each producer last reconnected (monotonic): for a while after, the broker may still
+# be re-creating topics, and every publish is checked against metadata fetched after it.
+_reconnected_at: dict[int, float] = {}
+RECONNECT_WATCH_SECONDS = 60.0
+
+
+def _connections(producer: Any) -> frozenset[Any] | None:
+    conns = getattr(getattr(producer, "client", None), "_conns", None)
+    return frozenset(conns.values()) if isinstance(conns, dict) else None
+
+
+async def _refresh_if_reconnected(producer: Any, topics: set[str]) -> None:
+    """Before a publish: if the producer lost a broker connection since its last publish
+    (it reconnected: the broker may have restarted), refresh its metadata first.
+
+    A broker that restarted without its data (the embedded Tansu) acknowledges records
+    for topics it no longer has, or for partitions beyond those of a topic it re-created,
+    and never serves them; worse, Tansu then refuses every later record on that partition
+    (its log shows `AlreadyExists`). Asking for the metadata first has the broker create
+    the topic (or keep_topics has), so records go where consumers read."""
+    conns = _connections(producer)
+    known = _known_connections.get(id(producer))
+    if conns is None or (known is not None and known <= conns):
+        return
+    if not await asyncio.wait_for(producer.client.force_metadata_update(), 30):
+        raise PartitionGone("no fresh topic metadata after a reconnect")
+    _known_connections[id(producer)] = _connections(producer) or frozenset()
+    if known is not None:
+        _reconnected_at[id(producer)] = time.monotonic()
+        cluster = producer.client.cluster
+        log.info(
+            "producer reconnected: topic metadata refreshed (partitions: %s)",
+            ", ".join(f"{t} {len(cluster.partitions_for_topic(t) or ())}" for t in sorted(topics)),
+        )
+
+
+async def _refuse_unread_partitions(producer: Any, acked: Sequence[Any]) -> None:
+    """After a publish: raise PartitionGone if the producer reconnected during it (its
+    metadata may have been stale), or a record went to a partition its topic lacks —
+    checked against metadata fetched after the publish while a reconnect is recent (a
+    restarted Tansu may re-create a topic with fewer partitions than it reported)."""
+    conns = _connections(producer)
+    known = _known_connections.get(id(producer))
+    if conns is not None and known is not None and not known <= conns:
+        _known_connections.pop(id(producer), None)  # the next publish refreshes first
+        raise PartitionGone("the producer reconnected while publishing")
+    if conns is not None:
+        _known_connections[id(producer)] = conns
+    client = getattr(producer, "client", None)
+    cluster = getattr(client, "cluster", None)
+    if client is None or cluster is None:
+        return
+    since = _reconnected_at.get(id(producer))
+    if since is not None:
+        if time.monotonic() - since > RECONNECT_WATCH_SECONDS:
+            del _reconnected_at[id(producer)]
+        elif not await asyncio.wait_for(client.force_metadata_update(), 30):
+            raise PartitionGone("no fresh topic metadata to check the publish against")
+    for meta in acked:
+        partitions = cluster.partitions_for_topic(meta.topic)
+        if partitions is None or meta.partition not in partitions:
+            raise PartitionGone(f"{meta.topic} has no partition {meta.partition} now")
 
 
 Handler = Callable[[Sequence[Inbound]], Awaitable[Sequence[Outgoing]]]
@@ -330,7 +497,7 @@ Publish = Callable[[Sequence[Outgoing]], Awaitable[None]]
 
 @dataclass
 class StageHealth:
-    """What /readyz reports for one stage."""
+    """What /readyz reports for one stage, and what it is judged on (`problem`)."""
 
     name: str
     ready: bool = False
@@ -338,6 +505,80 @@ class StageHealth:
     batches: int = 0
     messages: int = 0
     dead_lettered: int = 0
+    # How long commits, publishes or fetches may keep failing before the stage is not ready.
+    failure_seconds: float = 30.0
+    # What is failing now ("commit: KafkaConnectionError") and since when (monotonic).
+    failing: str | None = None
+    failing_since: float | None = None
+    # Monotonic: a batch is being handled since; the last batch ended or the stage was seen
+    # healthy (no partitions, but in its group) at.
+    busy_since: float | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    # The faststream subscriber (its consume loop and aiokafka consumer), once subscribed.
+    subscriber: Any = field(default=None, repr=False, compare=False)
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.failing = f"{what} failing: {type(exc).__name__}"
+
+    def recovered(self) -> None:
+        self.failing = self.failing_since = None
+
+    def problem(self) -> str | None:
+        """Why this stage is not ready now, or None.
+
+        Not ready: waiting on unavailable state; the consume loop ended; commits or
+        publishes failing for longer than `failure_seconds`; or, while no batch is in hand,
+        no fetch answered (or, with no partitions assigned, no group coordinator known) for
+        longer than that."""
+        if not self.ready and self.reason not in ("not started", "ok"):
+            return self.reason
+        sub = self.subscriber
+        if sub is None or not getattr(sub, "running", False):
+            return None
+        if self.loop_stopped():
+            return "consume loop stopped"
+        now = time.monotonic()
+        if self.failing_since is not None and now - self.failing_since > self.failure_seconds:
+            return f"{self.failing} for {now - self.failing_since:.0f}s"
+        if self.busy_since is not None:
+            return None
+        consumer = getattr(sub, "consumer", None)
+        if consumer is None:
+            return None
+        quiet = now - self._last_fetch_or_progress(consumer, now)
+        if quiet > self.failure_seconds:
+            return f"no fetch answered for {quiet:.0f}s"
+        return None
+
+    def loop_stopped(self) -> bool:
+        """The subscriber is meant to run but its consume loop has ended: nothing brings it
+        back short of a restart, so /healthz says so too."""
+        sub = self.subscriber
+        if sub is None or not getattr(sub, "running", False):
+            return False
+        tasks = getattr(sub, "tasks", None)
+        return tasks is not None and all(t.done() for t in tasks)
+
+    def _last_fetch_or_progress(self, consumer: Any, now: float) -> float:
+        """Monotonic time of the newest fetch response (any assigned partition), batch, or
+        moment the consumer was seen in its group without partitions (an idle replica)."""
+        try:
+            assigned = consumer.assignment()
+        except Exception:  # a consumer that is stopping
+            return self.last_progress
+        if not assigned:
+            coordinator = getattr(consumer, "_coordinator", None)
+            if getattr(coordinator, "coordinator_id", None) is not None:
+                self.last_progress = now
+            return self.last_progress
+        newest_ms = 0
+        for tp in assigned:
+            with contextlib.suppress(Exception):
+                newest_ms = max(newest_ms, consumer.last_poll_timestamp(tp) or 0)
+        fetched = now - (time.time() - newest_ms / 1000) if newest_ms else 0.0
+        return max(self.last_progress, fetched)
 
 
 @dataclass
@@ -402,10 +643,16 @@ def add_stage(
     settings: HdxSettings,
     topics: Topics,
 ) -> StageHealth:
-    """Subscribe `handler` to `topic` as an at-least-once pipeline stage (see module doc)."""
-    health = StageHealth(name)
+    """Subscribe `handler` to `topic` as an at-least-once pipeline stage (see module doc).
+
+    The stage acknowledges a batch itself: it commits the offsets after everything the
+    batch caused was acknowledged, and rewinds them (seek) when the batch must come back,
+    so a failing commit or publish is seen (`StageHealth.problem`) and logged here, with the
+    batch's trace ids. faststream's NACK_ON_ERROR stays as the backstop for what fails
+    before the handler is reached (parsing), and tries a failed commit once more."""
+    health = StageHealth(name, failure_seconds=settings.stage_failure_seconds)
     attempts = _Attempts()
-    unavailable_backoff = [0.0]
+    backoff = {"unavailable": 0.0, "publish": 0.0}
 
     async def consume(_body: list[bytes], msg: KafkaMessage) -> None:
         raw = msg.raw_message
@@ -415,44 +662,111 @@ def add_stage(
         spans: list[Span] = []
         if tracing_enabled():
             batch, spans = _consume_spans(batch, name, group_id)
+        health.busy_since = time.monotonic()
+        membership = _membership(getattr(msg, "consumer", None))
+        done = False
         try:
-            await _handle(batch, msg)
+            with _batch_scope(batch, name):
+                out = await _handle(batch)
+                if out is not None:
+                    done = await _publish_and_commit(batch, out, msg, membership)
         finally:
+            if not done:
+                # Rewind: nothing of this batch is committed and it comes back (also when a
+                # bug or a shutdown cut it short).
+                with contextlib.suppress(Exception):
+                    await msg.nack()
+            health.busy_since = None
+            health.last_progress = time.monotonic()
             for span in spans:
                 span.end()
         STAGE_BATCH_SECONDS.labels(name).observe(time.perf_counter() - started)
 
-    async def _handle(batch: list[Inbound], msg: KafkaMessage) -> None:
+    async def _handle(batch: list[Inbound]) -> Sequence[Outgoing] | None:
+        """What the batch causes, or None when it must come back (after a pause)."""
         try:
-            out = await handler(batch)
+            try:
+                return await handler(batch)
+            except Unavailable:
+                raise
+            except Exception:
+                # Counted per record: a redelivered batch may start on another partition.
+                count = attempts.failed(batch)
+                if count < settings.max_delivery_attempts:
+                    log.exception(
+                        "stage %s failed on %s (attempt %d, batch of %d)",
+                        name,
+                        batch[0].origin,
+                        count,
+                        len(batch),
+                    )
+                    await asyncio.sleep(min(0.1 * 2**count, 2.0))
+                    return None
+                out = await _isolate_poison(batch, handler, topics, health, name)
+                attempts.forget(batch)
+                return out
         except Unavailable as exc:
             # Fail closed: nothing is committed, the batch comes back after a pause.
             health.ready, health.reason = False, f"unavailable: {exc}"
             STAGE_WAITING.labels(name).set(1)
-            delay = unavailable_backoff[0] = min(max(unavailable_backoff[0] * 2, 0.2), 5.0)
+            delay = backoff["unavailable"] = min(max(backoff["unavailable"] * 2, 0.2), 5.0)
             log.warning("stage %s waiting %.1fs: %s", name, delay, exc)
             await asyncio.sleep(delay)
-            raise
-        except Exception:
-            # Counted per record: a redelivered batch may start on another partition.
-            count = attempts.failed(batch)
-            if count < settings.max_delivery_attempts:
-                log.exception("stage %s failed on %s (attempt %d)", name, batch[0].origin, count)
-                await asyncio.sleep(min(0.1 * 2**count, 2.0))
-                raise
-            out = await _isolate_poison(batch, handler, topics, health, name)
-            attempts.forget(batch)
-        await publish_all(broker, out)
+            return None
+
+    async def _publish_and_commit(
+        batch: list[Inbound],
+        out: Sequence[Outgoing],
+        msg: KafkaMessage,
+        membership: tuple[int, str] | None,
+    ) -> bool:
+        try:
+            await publish_all(broker, out)
+        except Exception as exc:
+            # The broker did not take it (down, restarting, topic gone): the batch comes back.
+            health.failed("publish", exc)
+            delay = backoff["publish"] = min(max(backoff["publish"] * 2, 0.2), 5.0)
+            log.warning(
+                "stage %s could not publish %d records for a batch of %d, retrying in %.1fs: "
+                "%s: %s",
+                name,
+                len(out),
+                len(batch),
+                delay,
+                type(exc).__name__,
+                exc,
+            )
+            await asyncio.sleep(delay)
+            return False
+        backoff["publish"] = 0.0
         if attempts.counts:
             attempts.forget(batch)
-        unavailable_backoff[0] = 0.0
+        backoff["unavailable"] = 0.0
         STAGE_WAITING.labels(name).set(0)
         health.ready, health.reason = True, "ok"
         health.batches += 1
         health.messages += len(batch)
         _record_metrics(name, batch, out, topics, getattr(msg, "consumer", None))
+        now = _membership(getattr(msg, "consumer", None))
+        if membership is not None and (now != membership or now[0] < 0 or not now[1]):
+            # The group changed under the batch (a rebalance, or a broker that forgot the
+            # group): its offsets belong to an assignment that is gone, and a commit now would
+            # be taken as a standalone commit, skipping records on re-created topics. The
+            # batch comes back under the new assignment (duplicates, never losses).
+            log.info("stage %s: the consumer group changed during the batch; not committed", name)
+            return False
+        try:
+            await msg.ack()  # commits the consumer's positions: this batch and all before it
+        except Exception as exc:
+            # Everything is published; a later commit covers these offsets, or after a
+            # rebalance the new owner handles the batch again (duplicates, never losses).
+            health.failed("commit", exc)
+            log.warning("stage %s could not commit: %s: %s", name, type(exc).__name__, exc)
+        else:
+            health.recovered()
+        return True
 
-    broker.subscriber(
+    health.subscriber = broker.subscriber(
         topic,
         group_id=group_id,
         batch=True,
@@ -463,8 +777,19 @@ def add_stage(
         ack_policy=AckPolicy.NACK_ON_ERROR,
         parser=_tolerant_parser,
         title=name,
-    )(consume)
+    )
+    health.subscriber(consume)
     return health
+
+
+def _membership(consumer: Any) -> tuple[int, str] | None:
+    """The consumer's (generation, member id) in its group, or None if it cannot tell."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    generation = getattr(coordinator, "generation", None)
+    member = getattr(coordinator, "member_id", None)
+    if not isinstance(generation, int) or not isinstance(member, str):
+        return None
+    return generation, member
 
 
 def _record_metrics(
@@ -502,26 +827,21 @@ async def _isolate_poison(
     """Handle a repeatedly failing batch one message at a time; dead-letter what still fails."""
     out: list[Outgoing] = []
     for message in batch:
-        try:
-            out.extend(await handler([message]))
-        except Unavailable:
-            raise
-        except Exception as exc:
-            # The exception type and text say why; the payload itself is never logged.
-            log.error(
-                "stage %s dead-letters %s after repeated failure: %s",
-                name,
-                message.origin,
-                type(exc).__name__,
-            )
-            health.dead_lettered += 1
-            outcome = operation_outcome(
-                [
-                    Issue(
-                        f"{name} could not process this message: {type(exc).__name__}: {exc}"[:500],
-                        code="exception",
-                    )
-                ]
-            )
-            out.append(dead_letter(topics, message, "processing-failed", outcome))
+        with handling(message):
+            try:
+                out.extend(await handler([message]))
+            except Unavailable:
+                raise
+            except Exception as exc:
+                # The exception type and text say why; the payload itself is never logged.
+                log.error(
+                    "stage %s dead-letters %s after repeated failure: %s",
+                    name,
+                    message.origin,
+                    type(exc).__name__,
+                )
+                health.dead_lettered += 1
+                why = f"{name} could not process this message: {type(exc).__name__}: {exc}"
+                outcome = operation_outcome([Issue(why[:500], code="exception")])
+                out.append(dead_letter(topics, message, "processing-failed", outcome))
     return out

@@ -32,6 +32,11 @@ class HdxSettings(BaseSettings):
     topic_prefix: str = "hdx."
     # Replicas for topics a service creates itself (feeds; core topics when no job made them).
     topic_replication_factor: int = Field(default=1, ge=1)
+    # How old the clients' topic metadata may get. Short, so a topic that was re-created
+    # (a broker that restarted without its data) or grew partitions is seen within seconds.
+    kafka_metadata_max_age_ms: int = Field(default=5_000, ge=100)
+    # How often a service checks that its topics exist and re-creates missing ones.
+    topic_check_seconds: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1)
     consumer_batch_timeout_ms: int = Field(default=20, ge=0)
     # How long a fetch waits for data. Kafka answers as soon as data arrives; the embedded
@@ -39,6 +44,9 @@ class HdxSettings(BaseSettings):
     consumer_fetch_max_wait_ms: int = Field(default=100, ge=1)
     # A message whose handling raises this many times in a row is dead-lettered.
     max_delivery_attempts: int = Field(default=5, ge=1)
+    # /readyz turns not-ready when a stage's commits, publishes or fetches keep failing
+    # this long (or at once when its consume loop has ended).
+    stage_failure_seconds: float = Field(default=30.0, gt=0)
 
     # Persistence: SQLite under data_dir unless a database URL is given.
     data_dir: Path = Path("data")
@@ -48,12 +56,36 @@ class HdxSettings(BaseSettings):
     http_port: int = 8000
     log_level: str = "INFO"
     log_json: bool = True
+    # The largest request body any HTTP endpoint takes; a larger one is refused with 413
+    # before it is read (Content-Length, or counted while it streams in).
+    max_request_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+
+    # Authentication (docs/security.md). Every API but health, metrics, the
+    # CapabilityStatement and the token endpoints needs an access token issued by the
+    # exchange. Off only in development (and then loudly): HDX_AUTH_ENABLED=false.
+    auth_enabled: bool = True
+    # Who issues access tokens (the exchange's base URL) and the audience they carry.
+    auth_issuer: str = "http://127.0.0.1:8003"
+    auth_audience: str = "urn:hdx:api"
+    # Where the issuer's public keys are (default: <issuer>/auth/jwks); fetched once,
+    # cached, and fetched again for a key id not seen yet, at most this often.
+    auth_jwks_url: str | None = None
+    auth_jwks_refresh_seconds: float = Field(default=10.0, ge=0)
+    # Requests per client on every authenticated endpoint, per replica (the `limits`
+    # notation: "100/second", "6000/minute", or several separated by ";").
+    auth_rate_limit: str = "100/second"
 
     @model_validator(mode="after")
     def _refuse_dev_secrets_outside_dev(self) -> HdxSettings:
         if self.environment == "production" and self.kafka_password == DEV_SECRET:
             raise ValueError("HDX_KAFKA_PASSWORD still holds the development default")
+        if not self.auth_enabled and self.environment != "development":
+            raise ValueError("HDX_AUTH_ENABLED=false is allowed only in development")
         return self
+
+    @property
+    def jwks_url(self) -> str:
+        return self.auth_jwks_url or f"{self.auth_issuer.rstrip('/')}/auth/jwks"
 
     def sqlalchemy_url(self) -> str:
         """The database this service uses: HDX_DATABASE_URL, else SQLite in data_dir."""
