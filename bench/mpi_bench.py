@@ -5,7 +5,10 @@ what the patient-index stage does with a Patient: `extract_demographics` (FHIR R
 demographics), `Matcher.decide` against the in-memory `PersonIndex`, then `PersonIndex.put`
 under the decided person (an existing one, or a new one). The predicted links are every pair
 of records that end up under one person; they are scored against the truth as precision,
-recall and F1 over record pairs. Review tasks are not links.
+recall and F1 over record pairs. Review tasks are not links; the missed pairs are split into
+those a review task put in front of a person (the later record's task names the person the
+earlier record is under) and those lost silently, with the recall a reviewer who accepts
+the right tasks would reach.
 
 The matcher runs on a `MatchModel` estimated from the same records by EM (u from random
 pairs, m by EM over blocked pairs, the documented priors of weights.py as Dirichlet
@@ -29,7 +32,8 @@ end to end. If either cannot run here the output says why.
 
 Run: `make bench-mpi` or `.venv/bin/python bench/mpi_bench.py [--help]`. Figures are
 reported, never asserted; JSON goes to bench/results/mpi-<timestamp>.json and
-mpi-latest.json.
+mpi-latest.json. `--save-models DIR` also writes each data set's EM model as a file the
+service loads (`HDX_MATCH_MODEL=DIR/<data set>.json`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from hdx_patient_index.domain.em import MatchModel, estimate_model
 from hdx_patient_index.domain.identifiers import NHS_NUMBER, TrustedSystems
 from hdx_patient_index.domain.index import PersonIndex, RecordKey
 from hdx_patient_index.domain.matching import Decision, MatchConfig, Matcher
+from hdx_patient_index.match_model import write_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
@@ -210,6 +215,8 @@ class LinkRun:
     compared: int
     decisions: Counter[str]
     holds: Counter[str]
+    # (record, person) pairs a review task was opened for: "is this record that person?"
+    reviewed: set[tuple[RecordKey, str]] = field(default_factory=set)
 
 
 def link_all(
@@ -221,6 +228,7 @@ def link_all(
     person_of: dict[RecordKey, str] = {}
     decisions: Counter[str] = Counter()
     holds: Counter[str] = Counter()
+    reviewed: set[tuple[RecordKey, str]] = set()
     gc.collect()
     start = time.perf_counter()
     for n, (key, d) in enumerate(zip(keys, demos, strict=True)):
@@ -230,10 +238,34 @@ def link_all(
         person_of[key] = person
         decisions[_outcome(decision)] += 1
         for item in decision.review:
+            reviewed.add((key, item.candidate.person_id))
             if item.candidate.hold is not None:
                 holds[str(item.candidate.hold)] += 1
     seconds = time.perf_counter() - start
-    return LinkRun(person_of, seconds, matcher.compared, decisions, holds)
+    return LinkRun(person_of, seconds, matcher.compared, decisions, holds, reviewed)
+
+
+def review_coverage(
+    run: LinkRun, keys: Sequence[RecordKey], true: set[tuple[RecordKey, RecordKey]]
+) -> dict[str, Any]:
+    """The true pairs the run missed, split into those a review task put in front of a
+    person (the later record's task names the earlier record's person) and those it lost
+    silently; and the recall a reviewer who accepts every correct task would reach."""
+    order = {k: i for i, k in enumerate(keys)}
+    predicted = predicted_pairs(run.person_of)
+    missed = true - predicted
+    in_review = 0
+    for a, b in missed:
+        early, late = (a, b) if order[a] < order[b] else (b, a)
+        if (late, run.person_of[early]) in run.reviewed:
+            in_review += 1
+    found = len(true) - len(missed) + in_review
+    return {
+        "missed_pairs": len(missed),
+        "missed_pairs_in_review": in_review,
+        "missed_pairs_silently": len(missed) - in_review,
+        "recall_with_review": round(found / len(true), 5) if true else 1.0,
+    }
 
 
 def _outcome(decision: Decision) -> str:
@@ -277,6 +309,7 @@ def run_hdx(data: LabelledRecords, seed: int) -> tuple[dict[str, Any], MatchMode
     config = MatchConfig.for_population(len(demos), model.weights())
     run = link_all(keys, demos, config)
     result = scores(predicted_pairs(run.person_of), data.true_pairs)
+    result["review"] = review_coverage(run, keys, data.true_pairs)
     total = extract_seconds + train_seconds + run.seconds
     result.update(
         {
@@ -650,6 +683,12 @@ def print_dataset(name: str, notes: str, results: dict[str, Any]) -> None:
         f"thresholds {hdx['thresholds']['upper']:.1f}/{hdx['thresholds']['lower']:.1f}"
     )
     print(f"  {'':<16} decisions {hdx['decisions']}  held for review {hdx['held_for_review']}")
+    rv = hdx["review"]
+    print(
+        f"  {'':<16} missed pairs {rv['missed_pairs']}: {rv['missed_pairs_in_review']} in a "
+        f"review task, {rv['missed_pairs_silently']} silently; recall if reviewers accept "
+        f"the right tasks {rv['recall_with_review']:.4f}"
+    )
     abl = hdx["without_hard_negative_rules"]
     print(
         f"  {'':<16} without the hard-negative rules: P {abl['precision']:.4f}  "
@@ -689,6 +728,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-splink", action="store_true")
     parser.add_argument("--no-recordlinkage", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--save-models",
+        type=Path,
+        metavar="DIR",
+        help="write each data set's EM model to DIR/<data set>.json (HDX_MATCH_MODEL files)",
+    )
     args = parser.parse_args(argv)
     wanted = {s.strip() for s in args.only.split(",") if s.strip()}
     logging.basicConfig(level=logging.WARNING)
@@ -708,6 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, Any] = {}
         hdx, model = run_hdx(data, args.seed)
         results["hdx"] = hdx
+        if args.save_models:
+            path = args.save_models / f"{name}.json"
+            hdx["model_file"] = {"path": str(path), "sha256": write_model(model, path)}
         if name == "synthetic":
             synthetic_model = model
         else:

@@ -18,6 +18,7 @@ from hdx_patient_index.domain.comparators import (
     compare_gender,
     compare_given,
     compare_identifiers,
+    compare_middle,
     compare_phone,
     compare_postcode,
     one_edit,
@@ -73,6 +74,24 @@ def test_family_partial_on_a_maiden_name() -> None:
 )
 def test_given(a: Any, b: Any, level: Level) -> None:
     assert compare_given(demo(given=a), demo(given=b)) is level
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "level"),
+    [
+        (["Ada", "Mary"], ["Ada", "Mary"], Level.EXACT),
+        (["Ada", "Mary", "Jane"], ["Ada", "Jane"], Level.EXACT),  # one of them shared
+        (["Ada", "Mary"], ["Ada", "M"], Level.INITIAL),
+        (["Ada", "Mary"], ["Ada", "Marry"], Level.FUZZY_HIGH),
+        (["Ada", "Mary"], ["Ada", "Florence"], Level.DISAGREE),
+        (["Ada", "Mary"], ["Ada"], Level.MISSING),  # no middle name on one side
+        (["Ada", "Mary"], ["Mary", "Ada"], Level.MISSING),  # reordered: the given's business
+        ("Ada", "Ada", Level.MISSING),
+    ],
+)
+def test_middle(a: Any, b: Any, level: Level) -> None:
+    assert compare_middle(demo(given=a), demo(given=b)) is level
+    assert compare_middle(demo(given=b), demo(given=a)) is level
 
 
 @pytest.mark.parametrize(

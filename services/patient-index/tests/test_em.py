@@ -6,6 +6,7 @@ import math
 import random
 from datetime import date, timedelta
 
+import orjson
 import pytest
 
 from hdx_patient_index.domain.comparators import Field, Level
@@ -13,6 +14,7 @@ from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.em import (
     ExpectationMaximisation,
     MatchModel,
+    ModelError,
     blocked_pairs,
     estimate_model,
     estimate_u,
@@ -21,7 +23,12 @@ from hdx_patient_index.domain.em import (
     term_frequencies,
     with_exact,
 )
-from hdx_patient_index.domain.weights import PRIOR_PROBABILITIES, WeightEstimator
+from hdx_patient_index.domain.weights import (
+    DEFAULT_WEIGHTS,
+    PRIOR_PROBABILITIES,
+    TermFrequencies,
+    WeightEstimator,
+)
 
 F, L = Field, Level
 Table = dict[Field, dict[Level, tuple[float, float]]]
@@ -254,3 +261,87 @@ def test_exact_agreement_is_counted_from_the_values() -> None:
     assert exact_agreement(records)[F.FAMILY] == pytest.approx(6 / 12)
     u = with_exact({F.FAMILY: {L.EXACT: 0.1, L.FUZZY_HIGH: 0.3, L.DISAGREE: 0.6}}, {F.FAMILY: 0.5})
     assert u[F.FAMILY] == pytest.approx({L.EXACT: 0.5, L.FUZZY_HIGH: 0.5 / 3, L.DISAGREE: 1 / 3})
+
+
+def prior_model() -> MatchModel:
+    """A model that holds exactly the priors (what the service runs on without a file)."""
+    return MatchModel(
+        m={f: {lv: p[0] for lv, p in ls.items()} for f, ls in PRIOR_PROBABILITIES.items()},
+        u={f: {lv: p[1] for lv, p in ls.items()} for f, ls in PRIOR_PROBABILITIES.items()},
+        match_proportion=0.1,
+        term_frequencies={F.FAMILY: TermFrequencies(0.88, {"smith": 0.01}, 1e-5)},
+        training={"records": 0},
+    )
+
+
+def test_a_model_of_the_priors_weighs_as_the_priors_and_round_trips_through_text() -> None:
+    model = prior_model()
+    assert model.weights(term_frequencies=False) == DEFAULT_WEIGHTS
+    assert MatchModel.loads(model.dumps()) == model
+    assert MatchModel.loads(model.dumps().decode()) == model
+
+
+def _broken(change: str) -> object:
+    doc = orjson.loads(prior_model().dumps())
+    if change == "not an object":
+        return [doc]
+    if change == "no m":
+        del doc["m"]
+    elif change == "a field missing":
+        del doc["m"]["birth_date"], doc["u"]["birth_date"]
+    elif change == "unknown field":
+        doc["m"]["shoe_size"] = doc["u"]["shoe_size"] = {"exact": 0.5, "disagree": 0.5}
+    elif change == "unknown level":
+        doc["m"]["gender"]["maybe"] = doc["u"]["gender"]["maybe"] = 0.1
+    elif change == "missing has no probability":
+        doc["m"]["gender"]["missing"] = doc["u"]["gender"]["missing"] = 0.1
+    elif change == "levels differ":
+        del doc["u"]["phone"]["exact"]
+    elif change == "no disagree":
+        doc["m"]["gender"] = doc["u"]["gender"] = {"exact": 1.0}
+    elif change == "zero probability":
+        doc["u"]["identifier"]["exact"] = 0
+    elif change == "above one":
+        doc["m"]["gender"]["exact"] = 1.5
+    elif change == "a string":
+        doc["m"]["gender"]["exact"] = "0.98"
+    elif change == "does not sum to one":
+        doc["m"]["family"]["exact"] = 0.5
+    elif change == "match proportion":
+        doc["match_proportion"] = 1.0
+    elif change == "term frequencies of a date":
+        doc["term_frequencies"]["birth_date"] = doc["term_frequencies"]["family"]
+    elif change == "term frequency share":
+        doc["term_frequencies"]["family"]["shares"]["smith"] = -1
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("not an object", "JSON object"),
+        ("no m", "'m' is missing"),
+        ("a field missing", "m has no field 'birth_date'"),
+        ("unknown field", "unknown field 'shoe_size'"),
+        ("unknown level", "unknown level 'maybe'"),
+        ("missing has no probability", "'missing' has no probability"),
+        ("levels differ", "phone: m and u do not list the same levels"),
+        ("no disagree", "gender: no 'disagree' level"),
+        ("zero probability", r"u.identifier.exact: 0.0 is not a probability"),
+        ("above one", r"m.gender.exact: 1.5 is not a probability"),
+        ("a string", "is not a number"),
+        ("does not sum to one", "family: m sums to 0.6200, not 1"),
+        ("match proportion", r"match_proportion 1.0 is not in \(0, 1\)"),
+        ("term frequencies of a date", "'birth_date' is not a name field"),
+        ("term frequency share", "shares.smith: -1.0 is not a probability"),
+    ],
+)
+def test_a_broken_model_document_is_refused_saying_what_is_wrong(change: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        MatchModel.from_json(_broken(change))
+
+
+@pytest.mark.parametrize("text", [b"", b"{not json", b"null", b"[]", b'{"version": 1}'])
+def test_text_that_is_not_a_model_is_refused(text: bytes) -> None:
+    with pytest.raises(ModelError):
+        MatchModel.loads(text)

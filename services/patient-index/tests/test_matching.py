@@ -218,6 +218,16 @@ def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
     assert index.candidates(demo(family="Ada", given="Lovelace", birth_date=None)) == {"P1"}
 
 
+def test_blocking_finds_a_nickname_without_a_birth_date() -> None:
+    index = PersonIndex()
+    index.put(("s", "1"), "P1", demo(family="Smith", given="Anthony", birth_date=None))
+    index.put(("s", "2"), "P2", demo(family="Smith", given="Bill", birth_date=None))
+    assert index.candidates(demo(family="Smith", given="Tony", birth_date=None)) == {"P1"}
+    assert index.candidates(demo(family="Smith", given="William", birth_date=None)) == {"P2"}
+    assert index.candidates(demo(family="Smith", given="Will", birth_date=None)) == {"P2"}
+    assert index.candidates(demo(family="Smith", given="Ada", birth_date=None)) == set()
+
+
 def person(
     given: str | None,
     born: str | None,
@@ -255,6 +265,8 @@ HOLD_CASES: list[tuple[str, Demographics, Hold | None]] = [
     ("daughter of the same name", person("ada", "1840-07-01"), Hold.GENERATION),
     ("sister, another year", person("augusta", "1817-02-01"), Hold.HOUSEHOLD),
     ("someone at home, no date", person("augusta", None), Hold.HOUSEHOLD),
+    ("father or son of the same name, no date", person("ada", None), Hold.UNDATED),
+    ("no date, same hospital number", person("ada", None, mrn="7"), None),
     ("birth year typed wrong", person("ada", "1825-12-10"), None),  # one digit
     ("same hospital number (twin)", person("augusta", "1815-12-10", mrn="7"), None),
 ]
@@ -286,6 +298,68 @@ def test_a_twin_anywhere_in_a_persons_records_holds_the_link() -> None:
     assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN
 
 
+def test_a_name_in_the_wrong_field_is_no_twin_but_a_name_shared_by_twins_is() -> None:
+    ada = person("ada", "1815-12-10")
+    # 'lovelace' typed as the given name, no family name: Ada, not her twin.
+    misfiled = Demographics(
+        given=("lovelace",),
+        birth_date=ada.birth_date,
+        birth_year=1815,
+        gender="female",
+        postcodes=ada.postcodes,
+        addresses=ada.addresses,
+        phones=ada.phones,
+    )
+    assert hold(ada, misfiled, compare(ada, misfiled)) is None
+    assert hold(misfiled, ada, compare(misfiled, ada)) is None
+    # Thomas Thomas and John Thomas, twins: the given name is the family's, not a mix-up.
+    thomas = person("thomas", "1990-05-05", family="thomas", gender="male")
+    john = person("john", "1990-05-05", family="thomas", gender="male")
+    assert hold(thomas, john, compare(thomas, john)) is Hold.TWIN
+    assert hold(john, thomas, compare(john, thomas)) is Hold.TWIN
+
+
+def test_a_contradiction_another_record_answers_is_not_a_hold() -> None:
+    linker = Matcher(MatchConfig(upper=1.0, lower=0.0))
+    # Ada's person holds a record whose given name was replaced ('augusta'): another of
+    # her records carries her name, so a new 'Ada' record is not taken for her twin.
+    index = index_with(("P1", person("ada", "1815-12-10")), ("P1", person("augusta", "1815-12-10")))
+    assert linker.decide(person("ada", "1815-12-10"), index).person_id == "P1"
+    # Likewise a record whose birth date was mistyped by decades, against the others.
+    index = index_with(("P1", person("ada", "1815-12-10")), ("P1", person("ada", "1851-07-01")))
+    assert linker.decide(person("ada", "1815-12-10"), index).person_id == "P1"
+    # Nothing of the person's carries the twin's name: still held.
+    index = index_with(("P1", person(None, "1815-12-10")), ("P1", person("ada", "1815-12-10")))
+    decision = linker.decide(person("augusta", "1815-12-10"), index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN
+
+
+def test_an_undated_record_links_when_another_of_the_persons_records_has_its_birth_date() -> None:
+    linker = Matcher(MatchConfig(upper=1.0, lower=0.0))
+    # The person's best record for a new dated 'Ada' has no date; another of hers agrees.
+    index = index_with(("P1", person("ada", None)), ("P1", person("ada", "1815-12-10")))
+    assert linker.decide(person("ada", "1815-12-10"), index).person_id == "P1"
+    # A new undated record: nothing of hers can agree on a date it does not carry.
+    decision = linker.decide(person("ada", None), index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.UNDATED
+
+
+def test_an_exact_identifier_answers_another_records_contradiction_a_near_one_does_not() -> None:
+    linker = Matcher(MatchConfig(upper=1.0, lower=0.0))
+    # P1: a record without a given name carrying MRN 1234567, and one named 'augusta'.
+    index = index_with(
+        ("P1", person(None, "1815-12-10", mrn="1234567")),
+        ("P1", person("augusta", "1815-12-10", mrn="7654321")),
+    )
+    same_number = person("ada", "1815-12-10", mrn="1234567")
+    decision = linker.decide(same_number, index)
+    assert decision.person_id == "P1" and decision.candidates[0].tied
+    # One digit off (consecutive numbers, as twins registered together get): held.
+    next_number = person("ada", "1815-12-10", mrn="1234568")
+    decision = linker.decide(next_number, index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN
+
+
 def test_a_record_that_fits_two_people_equally_is_not_linked() -> None:
     # Father and son of one name at one address; a record with no birth date fits both.
     father = person("george", "1950-01-01", gender="male")
@@ -295,7 +369,20 @@ def test_a_record_that_fits_two_people_equally_is_not_linked() -> None:
     decision = Matcher(MatchConfig(upper=10.0, lower=0.0)).decide(undated, index)
     assert decision.person_id is None and decision.grade is Grade.POSSIBLE
     assert {r.candidate.person_id for r in decision.review} == {"FATHER", "SON"}
-    assert {r.candidate.hold for r in decision.review} == {Hold.AMBIGUOUS}
+    # Each is held already for want of a birth date, before their tie is even weighed.
+    assert {r.candidate.hold for r in decision.review} == {Hold.UNDATED}
+
+
+def test_an_identifier_picks_one_of_two_people_a_record_fits_equally() -> None:
+    father = person("george", "1950-01-01", gender="male", mrn="5550001")
+    son = person("george", "1980-06-06", gender="male", mrn="5550777")
+    index = index_with(("FATHER", father), ("SON", son))
+    undated = person("george", None, gender="male", mrn="5550777")
+    decision = Matcher(MatchConfig(upper=10.0, lower=0.0)).decide(undated, index)
+    assert decision.person_id == "SON" and decision.grade is Grade.PROBABLE
+    # The father is no contender: without a birth date the record could only be held for
+    # review against him (UNDATED), and the son's own number settles it.
+    assert not decision.review
 
 
 def test_one_person_the_index_holds_twice_is_not_ambiguous() -> None:

@@ -36,3 +36,12 @@ def test_thresholds_must_be_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HDX_MATCH_LOWER_THRESHOLD", "40")
     with pytest.raises(ValidationError, match="LOWER"):
         PatientIndexSettings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_match_model_is_unset_by_default_and_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert PatientIndexSettings(_env_file=None).match_model is None  # type: ignore[call-arg]
+    monkeypatch.setenv("HDX_MATCH_MODEL", "/etc/hdx/model.json")
+    settings = PatientIndexSettings(_env_file=None)  # type: ignore[call-arg]
+    assert str(settings.match_model) == "/etc/hdx/model.json"

@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from hdx_patient_index.api import build_router
 from hdx_patient_index.domain.identifiers import TrustedSystems
-from hdx_patient_index.domain.matching import MatchConfig, Matcher
+from hdx_patient_index.domain.matching import Matcher
+from hdx_patient_index.match_model import match_config
 from hdx_patient_index.operations import IdentityOperations
 from hdx_patient_index.pipeline import IdentifyStage
 from hdx_patient_index.service import PatientIndexService
@@ -29,19 +30,15 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: PatientIndexSettings | None = None) -> FastAPI:
     settings = settings or PatientIndexSettings()
+    # First, before anything is set up: a bad HDX_MATCH_MODEL stops the start (ModelFileError).
+    matcher = Matcher(match_config(settings))
     topics = Topics(settings.topic_prefix)
     tracer_provider = setup_tracing(settings)
     broker = make_broker(settings, middlewares=kafka_middlewares(tracer_provider))
     store = PatientIndexStore(make_engine(settings))
     service = PatientIndexService(
         store,
-        Matcher(
-            MatchConfig(
-                upper=settings.match_upper_threshold,
-                lower=settings.match_lower_threshold,
-                prior_log2_odds=settings.match_prior_log2_odds,
-            )
-        ),
+        matcher,
         TrustedSystems.of(settings.trusted_identifier_systems),
     )
     stage = IdentifyStage(service, topics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
@@ -25,6 +26,10 @@ class PatientIndexSettings(HdxSettings):
     match_lower_threshold: float = 18.0
     # Prior log2 odds that two random records are one person: turns weights into $match scores.
     match_prior_log2_odds: float = -24.0
+    # A match model file (JSON) from `hdx-patient-index train-model`: the m/u weights the
+    # matcher runs on. Unset → the built-in prior weights. A file that is missing or not a
+    # valid model stops the service at start (never a silent fall-back to the priors).
+    match_model: Path | None = None
     # How long a resource waits for its Patient before it is dead-lettered (patient-unknown).
     park_timeout_seconds: float = Field(default=24 * 3600, gt=0)
     park_sweep_seconds: float = Field(default=60.0, gt=0)

@@ -5,7 +5,9 @@ chosen so that each kind of error one field can carry leaves another key intact:
 
 - ``d:<birth date>``              — names typed differently, same birth date
 - ``s:<soundex(family)>:<year>``  — birth date typed wrong, family name sounds the same
-- ``n:<metaphone(given)>:<metaphone(family)>`` — birth date missing or wrong entirely
+- ``n:<metaphone(given)>:<metaphone(family)>`` — birth date missing or wrong entirely; a
+  nickname is filed under the formal names it stands for as well ('tony' under 'anthony'),
+  so 'Tony Smith' and 'Anthony Smith' meet without a birth date (as the comparator knows)
 - ``p:<postcode>:<given initial>`` — family name changed and birth date typed wrong
 - ``t:<phone>``                   — same phone line
 - ``a:<address line>``            — same house, postcode typed wrong or missing
@@ -21,7 +23,7 @@ from datetime import date
 
 from hdx_patient_index.domain.comparators import metaphone, soundex
 from hdx_patient_index.domain.demographics import Demographics
-from hdx_patient_index.domain.normalise import compact
+from hdx_patient_index.domain.normalise import compact, given_name_forms
 
 
 def _swapped(d: date) -> date | None:
@@ -41,7 +43,8 @@ def index_keys(d: Demographics) -> frozenset[str]:
     if d.family and d.birth_year:
         keys.add(f"s:{soundex(compact(d.family))}:{d.birth_year}")
     if d.family and d.first_given:
-        keys.add(f"n:{metaphone(d.first_given)}:{metaphone(compact(d.family))}")
+        family = metaphone(compact(d.family))
+        keys.update(f"n:{metaphone(g)}:{family}" for g in given_name_forms(d.first_given))
     if d.first_given:
         # Not the bare postcode: ~15 households share one, so its block would be most of
         # the comparisons while finding almost nothing the other keys miss.

@@ -26,6 +26,7 @@ from hdx_patient_index.domain.normalise import (
 class Field(StrEnum):
     FAMILY = "family"
     GIVEN = "given"
+    MIDDLE = "middle"  # middle names (given names after the first)
     BIRTH_DATE = "birth_date"
     GENDER = "gender"
     POSTCODE = "postcode"  # compared within ADDRESS (compare_postcode), not on its own
@@ -119,6 +120,26 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
     if set(a.given) & set(b.given):
         return Level.PARTIAL  # a middle name used as the first name
     return level
+
+
+def compare_middle(a: Demographics, b: Demographics) -> Level:
+    """Middle names, when both records have some: one the same → exact; one the other's
+    initial → initial; one a typo of the other (Jaro–Winkler ≥ JW_HIGH) → fuzzy-high; all
+    different → disagree. Missing when either has none, or when a middle name of one is
+    the other's first given name (a middle name used as the first, names reordered: the
+    given-name comparison has weighed that already)."""
+    ma, mb = a.given[1:], b.given[1:]
+    if not ma or not mb:
+        return Level.MISSING
+    if not set(ma).isdisjoint(mb):
+        return Level.EXACT
+    if a.given[0] in mb or b.given[0] in ma:
+        return Level.MISSING
+    if any((len(x) == 1 or len(y) == 1) and x[0] == y[0] for x in ma for y in mb):
+        return Level.INITIAL
+    if any(jaro_winkler(x, y) >= JW_HIGH for x in ma for y in mb):
+        return Level.FUZZY_HIGH
+    return Level.DISAGREE
 
 
 def one_edit(a: str, b: str) -> bool:
@@ -330,6 +351,7 @@ def compare(a: Demographics, b: Demographics) -> dict[Field, Level]:
     levels = {
         Field.FAMILY: compare_family(a, b),
         Field.GIVEN: compare_given(a, b),
+        Field.MIDDLE: compare_middle(a, b),
         Field.BIRTH_DATE: compare_birth_date(a, b),
         Field.GENDER: compare_gender(a, b),
         Field.ADDRESS: compare_address(a, b),  # line and postcode together

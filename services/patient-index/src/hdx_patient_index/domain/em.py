@@ -34,6 +34,9 @@ MISSING is no evidence either way: it is left out of both the E and the M step.
 
 The model is a plain dataclass that round-trips through JSON (`to_json`/`from_json`,
 `dumps`/`loads`), so a decision can be reproduced from the model file it was made with.
+Reading checks the document through and says what is wrong (`ModelError`): a corrupt or
+hand-broken model must stop the service, never weigh records. Reading and writing the file
+is the service's adapter's business (match_model.py); this module stays pure.
 """
 
 from __future__ import annotations
@@ -353,37 +356,137 @@ class MatchModel:
         }
 
     @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> MatchModel:
+    def from_json(cls, doc: Any) -> MatchModel:
+        """The model a JSON document describes, checked through (`ModelError` says what is
+        wrong): the version, every field the matcher weighs with m and u for the same known
+        levels (DISAGREE among them), each probability in (0, 1] and each field's summing to
+        about 1, λ in (0, 1), term frequencies only for name fields."""
+        if not isinstance(doc, Mapping):
+            raise ModelError(f"a match model is a JSON object, not {type(doc).__name__}")
         if doc.get("version") != MODEL_VERSION:
-            raise ValueError(f"unsupported match model version {doc.get('version')!r}")
-
-        def table(key: str) -> dict[Field, dict[Level, float]]:
-            return {
-                Field(f): {Level(lv): float(p) for lv, p in ls.items()}
-                for f, ls in doc[key].items()
-            }
-
+            raise ModelError(
+                f"unsupported match model version {doc.get('version')!r} "
+                f"(this index reads version {MODEL_VERSION})"
+            )
+        m, u = _table(doc, "m"), _table(doc, "u")
+        for f in PRIOR_PROBABILITIES:
+            if f not in m:
+                raise ModelError(f"m has no field {str(f)!r}")
+        for f, levels in m.items():
+            if set(u.get(f, {})) != set(levels):
+                raise ModelError(f"{f}: m and u do not list the same levels")
+            if Level.DISAGREE not in levels:
+                raise ModelError(f"{f}: no {str(Level.DISAGREE)!r} level")
+            for name, side in (("m", levels), ("u", u[f])):
+                if abs(sum(side.values()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
+                    raise ModelError(f"{f}: {name} sums to {sum(side.values()):.4f}, not 1")
+        if set(u) - set(m):
+            raise ModelError(f"u has fields m lacks: {sorted(str(f) for f in set(u) - set(m))}")
+        lam = _number(doc.get("match_proportion"), "match_proportion")
+        if not 0 < lam < 1:
+            raise ModelError(f"match_proportion {lam} is not in (0, 1)")
+        tfs = doc.get("term_frequencies", {})
+        training = doc.get("training", {})
+        if not isinstance(tfs, Mapping) or not isinstance(training, Mapping):
+            raise ModelError("term_frequencies and training are JSON objects")
         return cls(
-            m=table("m"),
-            u=table("u"),
-            match_proportion=float(doc["match_proportion"]),
-            term_frequencies={
-                Field(f): TermFrequencies(
-                    float(tf["m_exact"]),
-                    {str(v): float(s) for v, s in tf["shares"].items()},
-                    float(tf["floor"]),
-                )
-                for f, tf in doc.get("term_frequencies", {}).items()
-            },
-            training=dict(doc.get("training", {})),
+            m=m,
+            u=u,
+            match_proportion=lam,
+            term_frequencies={_term_field(f): _term_frequencies(f, tf) for f, tf in tfs.items()},
+            training=dict(training),
         )
 
     def dumps(self) -> bytes:
-        return orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(self.to_json(), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
 
     @classmethod
     def loads(cls, data: bytes | str) -> MatchModel:
-        return cls.from_json(orjson.loads(data))
+        """A model from JSON text; `ModelError` when it is not JSON or not a model."""
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ModelError(f"not JSON: {exc}") from exc
+        return cls.from_json(doc)
+
+    def describe(self) -> str:
+        """One line on what the model was trained on (for logs)."""
+        t = self.training
+        parts = [f"version {self.version}"]
+        for key in ("records", "persons", "source", "trained_at", "seed"):
+            if key in t:
+                parts.append(f"{key} {t[key]}")
+        return ", ".join(parts)
+
+
+class ModelError(ValueError):
+    """A match model document that cannot be used, and why."""
+
+
+# How far each field's m (or u) may sum from 1 (priors are round numbers; EM sums to 1).
+PROBABILITY_SUM_TOLERANCE = 0.02
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ModelError(f"{where}: {value!r} is not a number")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ModelError(f"{where}: {value!r} is not finite")
+    return out
+
+
+def _probability(value: Any, where: str) -> float:
+    p = _number(value, where)
+    if not 0 < p <= 1:
+        raise ModelError(f"{where}: {p} is not a probability in (0, 1]")
+    return p
+
+
+def _table(doc: Mapping[str, Any], key: str) -> dict[Field, dict[Level, float]]:
+    raw = doc.get(key)
+    if not isinstance(raw, Mapping):
+        raise ModelError(f"{key!r} is missing or not a JSON object")
+    out: dict[Field, dict[Level, float]] = {}
+    for f, levels in raw.items():
+        try:
+            field_ = Field(f)
+        except ValueError:
+            raise ModelError(f"{key}: unknown field {f!r}") from None
+        if not isinstance(levels, Mapping) or not levels:
+            raise ModelError(f"{key}.{f}: not a JSON object of levels")
+        table: dict[Level, float] = {}
+        for lv, p in levels.items():
+            try:
+                level = Level(lv)
+            except ValueError:
+                raise ModelError(f"{key}.{f}: unknown level {lv!r}") from None
+            if level is Level.MISSING:
+                raise ModelError(f"{key}.{f}: {str(Level.MISSING)!r} has no probability")
+            table[level] = _probability(p, f"{key}.{f}.{lv}")
+        out[field_] = table
+    return out
+
+
+def _term_field(f: Any) -> Field:
+    try:
+        field_ = Field(f)
+    except ValueError:
+        raise ModelError(f"term_frequencies: unknown field {f!r}") from None
+    if field_ not in TERM_VALUES:
+        raise ModelError(f"term_frequencies: {f!r} is not a name field")
+    return field_
+
+
+def _term_frequencies(f: str, tf: Any) -> TermFrequencies:
+    where = f"term_frequencies.{f}"
+    if not isinstance(tf, Mapping) or not isinstance(tf.get("shares"), Mapping):
+        raise ModelError(f"{where}: needs m_exact, floor and shares")
+    return TermFrequencies(
+        _probability(tf.get("m_exact"), f"{where}.m_exact"),
+        {str(v): _probability(s, f"{where}.shares.{v}") for v, s in tf["shares"].items()},
+        _probability(tf.get("floor"), f"{where}.floor"),
+    )
 
 
 def estimate_model(

@@ -98,6 +98,11 @@ class PersonIndex:
     def record(self, key: RecordKey) -> IndexedRecord | None:
         return self._records.get(key)
 
+    def records(self) -> list[IndexedRecord]:
+        """Every source record filed, in key order."""
+        with self._lock:
+            return [self._records[k] for k in sorted(self._records)]
+
     def records_of(self, person_id: str) -> list[IndexedRecord]:
         with self._lock:
             return [self._records[k] for k in sorted(self._persons.get(person_id, ()))]

@@ -14,13 +14,22 @@
    `GENERATION_YEARS` or more apart) go to review at most — unless an identifier of one
    system agrees, which family members never share. More generally a link needs the
    *person* to agree, not just the household: the given name or the birth date must agree
-   (exact, nickname, typo; or exact, day/month swapped, one digit). Twins and generations
-   are checked against every record of a candidate person, not only its best: one
-   contradiction holds the link. And a link needs a clear winner: when two persons score
-   above the upper threshold within `ambiguity_margin` of each other and could not be
-   linked to each other (a father and son of one name, a record without a birth date),
-   neither is linked; both go to review. `MatchConfig.hard_negatives=False` turns all of
-   this off (to measure what it costs).
+   (exact, nickname, typo, or the other record's family name — a name in the wrong
+   field; or exact, day/month swapped, one digit). Twins and generations are checked
+   against every record of a candidate person, not only its best: one contradiction holds
+   the link — unless the person's records answer it: another of them agrees with the
+   record on the field the contradiction is about (the given name for a twin, the birth
+   date for a generation: the odd record carries a replaced name or a mistyped date), or
+   one of them carries the very same identifier value (`_tied`; exact only, since twins
+   registered together can hold consecutive numbers). And a link needs a clear winner: when
+   two persons score above the upper threshold within `ambiguity_margin` of each other and
+   could not be linked to each other (a father and son of one name, a record without a
+   birth date), neither is linked; both go to review — unless the record carries the same
+   identifier value as one of them and not the other, which then wins.
+   Nor does a record link on demographics when the birth date is missing on either side
+   and no record of the person agrees on it (`UNDATED`): name, sex and address are what a
+   father and his son of one name share; such a link waits for a reviewer or an identifier.
+   `MatchConfig.hard_negatives=False` turns all of this off (to measure what it costs).
 
 Grades follow FHIR's match-grade extension (certain | probable | possible | certainly-not).
 """
@@ -37,6 +46,7 @@ import jellyfish
 from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.index import PersonIndex, RecordKey
+from hdx_patient_index.domain.normalise import compact
 from hdx_patient_index.domain.weights import DEFAULT_WEIGHTS, MatchWeights
 
 
@@ -60,6 +70,7 @@ class Hold(StrEnum):
     TWIN = "twin"  # same family name and birth date, given names that differ outright
     GENERATION = "generation"  # same family and given name, birth dates far apart
     HOUSEHOLD = "household"  # neither the given name nor the birth date agrees
+    UNDATED = "undated"  # no birth date to tell a parent from a child of the same name
     AMBIGUOUS = "ambiguous"  # another person scores within the margin: no clear winner
 
 
@@ -131,6 +142,8 @@ class Candidate:
     basis: Basis
     levels: Mapping[Field, Level] = field(default_factory=dict)  # the best record's levels
     hold: Hold | None = None  # why a weight above the upper threshold is not a link
+    # An identifier value (same system) of one of the person's records is the record's too.
+    tied: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +192,37 @@ def _one_typo(a: Demographics, b: Demographics) -> bool:
     return bool(ga and gb and jellyfish.damerau_levenshtein_distance(ga, gb) <= 1)
 
 
+def _crossed(a: Demographics, b: Demographics) -> bool:
+    """One record's first given name is the other's family name (a name put in the wrong
+    field: 'Cameron' as the given name here, the family name there). Not when that name is
+    also the record's own family name ('Thomas Thomas' and 'John Thomas' are two people)."""
+    fa = compact(a.family) if a.family else None
+    fb = compact(b.family) if b.family else None
+    ga, gb = a.first_given, b.first_given
+    return bool((fa and gb == fa and fb != fa) or (fb and ga == fb and fa != fb))
+
+
+def agreement(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> tuple[bool, bool]:
+    """(the given name agrees, the birth date agrees): the two fields that tell the
+    members of one household apart. A given name agrees when it is the same, a nickname,
+    a typo (one edit), or the other's family name (`_crossed`); a birth date when it is the
+    same, day and month swapped, or one digit apart."""
+    given = levels.get(Field.GIVEN)
+    given_agrees = (
+        given in _GIVEN_AGREES
+        or (given in _GIVEN_DIFFERS and _one_typo(a, b))
+        or (given is not Level.MISSING and _crossed(a, b))
+    )
+    return given_agrees, levels.get(Field.BIRTH_DATE) in _BORN_TOGETHER
+
+
 def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hold | None:
     """The hard-negative rule a pair falls under, if any (see the module doc, step 4)."""
     if levels.get(Field.IDENTIFIER) in _IDENTIFIER_AGREES:
         return None
     born = levels.get(Field.BIRTH_DATE)
     given = levels.get(Field.GIVEN)
-    given_agrees = given in _GIVEN_AGREES or (given in _GIVEN_DIFFERS and _one_typo(a, b))
-    born_agrees = born in _BORN_TOGETHER
+    given_agrees, born_agrees = agreement(a, b, levels)
     if born_agrees and given in _GIVEN_DIFFERS and not given_agrees:
         return Hold.TWIN
     if (
@@ -199,11 +235,44 @@ def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hol
         return Hold.GENERATION
     if not given_agrees and not born_agrees:
         return Hold.HOUSEHOLD
+    if born is Level.MISSING:
+        # Name, sex and address are what a father and his son of the same name share; only
+        # the birth date (or an identifier, checked above) tells them apart.
+        return Hold.UNDATED
     return None
 
 
 # The holds that any record of a person (not only its best) imposes: a contradiction.
 _CONTRADICTIONS = frozenset({Hold.TWIN, Hold.GENERATION})
+
+
+def _tied(scored: list[tuple[float, dict[Field, Level], Demographics]]) -> bool:
+    """Does the record carry the very identifier value (same system) that one of the
+    person's records carries? Family members never share one, so a twin or generation
+    contradiction from another of the person's records is then that record's own error (a
+    replaced name, a mistyped date), not a second person. Only an exact value ties: twins
+    registered together can hold consecutive numbers, one keying error apart."""
+    return any(levels.get(Field.IDENTIFIER) is Level.EXACT for _, levels, _ in scored)
+
+
+def _contradiction(
+    d: Demographics, scored: list[tuple[float, dict[Field, Level], Demographics]]
+) -> Hold | None:
+    """A twin or generation rule that another of the person's records imposes on ``d``.
+
+    A record whose given name is more than one typo from ``d``'s (twin) does not count when
+    another of the person's records agrees with ``d`` on the given name: the person is
+    known by that name, and the odd record carries a replaced or garbled name. Likewise a
+    birth date a generation away, when another record agrees on the birth date. A twin's
+    or a parent's records never agree on the field that tells them apart."""
+    agreements = [agreement(d, other, levels) for _, levels, other in scored]
+    given_seen = any(g for g, _ in agreements)
+    born_seen = any(b for _, b in agreements)
+    for _, levels, other in scored:
+        h = hold(d, other, levels)
+        if (h is Hold.TWIN and not given_seen) or (h is Hold.GENERATION and not born_seen):
+            return h
+    return None
 
 
 def trusted_conflict(record: Mapping[str, set[str]], person: Mapping[str, set[str]]) -> bool:
@@ -255,16 +324,20 @@ class Matcher:
             return Candidate(person_id, Grade.CERTAIN, weight, 1.0, basis, levels)
         grade = self.grade_of(weight) or Grade.CERTAINLY_NOT
         held = None
+        tied = _tied(scored)
         if grade is Grade.PROBABLE and self.config.hard_negatives:
             held = hold(d, best_record, levels)
-            for _, other_levels, other in scored:
-                if held is not None:
-                    break
-                if (h := hold(d, other, other_levels)) in _CONTRADICTIONS:
-                    held = h
+            if held is Hold.UNDATED and any(agreement(d, o, lv)[1] for _, lv, o in scored):
+                held = None  # another of the person's records agrees on the birth date
+            # Another record's contradiction counts unless an identifier ties the record
+            # to the person outright (see `_tied`).
+            if held is None and not tied:
+                held = _contradiction(d, scored)
         if held is not None:
             grade = Grade.POSSIBLE
-        return Candidate(person_id, grade, weight, self.probability(weight), basis, levels, held)
+        return Candidate(
+            person_id, grade, weight, self.probability(weight), basis, levels, held, tied
+        )
 
     def search(
         self, d: Demographics, index: PersonIndex, exclude: RecordKey | None = None
@@ -320,6 +393,12 @@ class Matcher:
         if not rivals:
             return ranked
         close = rivals | {best.person_id}
+        # An identifier value the record shares with one of them (and only one) picks it,
+        # since the members of a family never share one (see `_tied`); the others stay
+        # probable, so `decide` files them for review as ambiguous.
+        tied = [c for c in probable if c.person_id in close and c.tied]
+        if len(tied) == 1:
+            return [tied[0]] + [c for c in ranked if c is not tied[0]]
         return [
             replace(c, grade=Grade.POSSIBLE, hold=Hold.AMBIGUOUS) if c.person_id in close else c
             for c in ranked

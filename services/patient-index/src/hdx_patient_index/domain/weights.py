@@ -13,7 +13,8 @@ field's m values and u values sum to about 1 over its levels. They are what HDX 
 a model is estimated from the data: `WeightEstimator` is the seam, `domain/em.py` the
 expectation–maximisation implementation (u from random pairs, m by EM over the blocked
 pairs, these priors as Dirichlet pseudo-counts), and `MatchWeights.from_probabilities` turns
-its table into weights.
+its table into weights. The service runs on such a model when HDX_MATCH_MODEL names its
+file (`hdx-patient-index train-model` writes one; match_model.py loads it).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ PRIOR_PROBABILITIES: ProbabilityTable = {
         L.INITIAL: (0.02, 0.05),
         L.TRANSPOSED: (0.002, 0.0001),
         L.DISAGREE: (0.018, 0.905),
+    },
+    # Middle names, where both records have one: the same person's rarely differ (a source
+    # keeps an initial, or a typo); strangers share one by chance about as often as a first
+    # name (~1.5 %). Most records have none, and then this weighs nothing (missing).
+    F.MIDDLE: {
+        L.EXACT: (0.88, 0.015),
+        L.INITIAL: (0.05, 0.04),
+        L.FUZZY_HIGH: (0.03, 0.005),
+        L.DISAGREE: (0.04, 0.94),
     },
     # Birth dates spread over ~80 years, with clumping: u(exact) ≈ 1e-4.
     F.BIRTH_DATE: {
