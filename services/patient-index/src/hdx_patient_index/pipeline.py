@@ -46,7 +46,7 @@ from hdx_patient_index.service import (
 )
 from hdx_shared.envelope import Envelope
 from hdx_shared.fhir import FhirError, Issue, operation_outcome
-from hdx_shared.messaging import Inbound, Outgoing, dead_letter, dead_letter_for
+from hdx_shared.messaging import Inbound, Outgoing, dead_letter, dead_letter_for, handling
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,15 @@ class IdentifyStage:
                     if m.envelope.patient_ref
                 },
                 {m.envelope.event_id for m in batch if m.envelope.event_id},
+                {
+                    (m.envelope.source, m.envelope.patient_ref)
+                    for m in batch
+                    if m.envelope.patient_ref and m.envelope.resource_type == "Patient"
+                },
             )
             for m in batch:
-                out.extend(self._one(work, m))
+                with handling(m):  # log lines carry this message's trace_id/span_id
+                    out.extend(self._one(work, m))
         return out
 
     def _one(self, work: BatchWork, m: Inbound) -> list[Outgoing]:

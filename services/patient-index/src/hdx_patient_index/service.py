@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import update
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from hdx_patient_index import store as db
@@ -152,45 +153,78 @@ def identity_state(s: Session, person_id: str) -> IdentityState:
     )
 
 
-def refresh_person(s: Session, person_id: str, now: int, trusted: TrustedSystems) -> PersonRef:
+_PERSONS = db.table_of(PersonRow)
+# Compare-and-set on the version; one Core statement, compiled once.
+_REFRESH_PERSON = (
+    update(_PERSONS)
+    .where(_PERSONS.c.id == bindparam("b_id"), _PERSONS.c.version == bindparam("b_version"))
+    .values(
+        golden=bindparam("b_golden"),
+        trusted_ids=bindparam("b_trusted_ids"),
+        version=bindparam("b_version_new"),
+        updated_ms=bindparam("b_updated_ms"),
+    )
+)
+
+
+def refresh_person(
+    s: Session,
+    person_id: str,
+    now: int,
+    trusted: TrustedSystems,
+    *,
+    records: Sequence[SourceRecordRow] | None = None,
+    replaces: Sequence[str] | None = None,
+    loads: Callable[[str], Any] = orjson.loads,
+) -> PersonRef:
     """Rebuild a person's golden record and trusted identifiers from its records, and bump
     its version — compare-and-set on the version it had when this session read it, so a
     concurrent change (another replica, an HTTP operation) makes this one fail instead of
-    overwriting it (VersionConflict)."""
+    overwriting it (VersionConflict).
+
+    A batch passes what it already holds: the person's ``records`` (all of them, in id
+    order), the persons merged into it (``replaces``) and a caching JSON ``loads``."""
     person = s.get(PersonRow, person_id)
     if person is None:
         raise Unavailable(f"person {person_id} is missing")
-    records = db.records_of(s, person_id)
+    if records is None:
+        records = db.records_of(s, person_id)
     ids: dict[str, None] = {}
     for r in records:
-        for token in orjson.loads(r.demographics).get("trusted", ()):
+        for token in loads(r.demographics).get("trusted", ()):
             ids[token] = None
     if person.status == "merged" and person.replaced_by:
         golden = tombstone(person_id, person.replaced_by)
     else:
+        if replaces is None:
+            replaces = [m.merged_id for m in db.merges_in_force(s, person_id)]
         golden = golden_patient(
             person_id,
-            [
-                LinkedRecord(r.source, r.local_id, r.updated_ms, orjson.loads(r.snapshot))
-                for r in records
-            ],
+            [LinkedRecord(r.source, r.local_id, r.updated_ms, loads(r.snapshot)) for r in records],
             trusted,
-            replaces=[m.merged_id for m in db.merges_in_force(s, person_id)],
+            replaces=replaces,
         )
     s.flush()
-    result: Any = s.execute(
-        update(PersonRow)
-        .where(col(PersonRow.id) == person_id, col(PersonRow.version) == person.version)
-        .values(
-            golden=orjson.dumps(golden).decode(),
-            trusted_ids=" ".join(sorted(ids)),
-            version=person.version + 1,
-            updated_ms=now,
-        )
-        .execution_options(synchronize_session="fetch")
+    values = {
+        "golden": orjson.dumps(golden).decode(),
+        "trusted_ids": " ".join(sorted(ids)),
+        "version": person.version + 1,
+        "updated_ms": now,
+    }
+    params = {f"b_{k}": v for k, v in values.items() if k != "version"}
+    result: Any = s.connection().execute(
+        _REFRESH_PERSON,
+        {
+            **params,
+            "b_id": person_id,
+            "b_version": person.version,
+            "b_version_new": values["version"],
+        },
     )
     if result.rowcount != 1:
         raise VersionConflict(person_id)
+    for name, value in values.items():  # the row as written, without reading it back
+        set_committed_value(person, name, value)
     return PersonRef(person.id, tuple(sorted(ids)))
 
 
@@ -281,7 +315,9 @@ class PatientIndexService:
             self.require_loaded()
             try:
                 with self.store.transaction() as s:
-                    yield BatchWork(self, s)
+                    work = BatchWork(self, s)
+                    yield work
+                    work.finish()
             except BaseException:
                 self.loaded, self.error = False, "index being rebuilt after a failed batch"
                 raise
@@ -302,7 +338,16 @@ class PatientIndexService:
 
 
 class BatchWork:
-    """The operations of one batch, inside its transaction."""
+    """The operations of one batch, inside its transaction.
+
+    The batch answers from what it loaded (`prefetch`) or looked up once: source records by
+    key, trusted identifiers' owners, each person's records and parsed JSON, and which
+    persons have no open review task or merge in force. Only this batch writes those rows
+    for its keys while it runs (the service's lock keeps the HTTP operations out; another
+    replica's concurrent change to a person fails the batch's compare-and-set on the
+    person's version, and the batch is retried). Link, identifier and trusted-identifier
+    rows, which nothing in the batch reads back, are written with one bulk insert each.
+    """
 
     def __init__(self, service: PatientIndexService, session: Session) -> None:
         self.svc = service
@@ -310,24 +355,58 @@ class BatchWork:
         self._people: dict[RecordKey, PersonRef | None] = {}
         self._identity: dict[str, IdentityState] = {}
         self._parked_keys: set[RecordKey] | None = None  # None: not prefetched, ask the DB
+        # Source records looked up (None: there is none), by key.
+        self._records: dict[RecordKey, SourceRecordRow | None] = {}
+        # Each person's source records in id order (persons whose records were loaded).
+        self._records_of: dict[str, list[SourceRecordRow]] = {}
+        # Trusted identifiers' owners as known to this batch (None: unclaimed).
+        self._owners: dict[Identifier, str | None] = {}
+        # Persons known to have no merge in force / no open review task.
+        self._no_merges: set[str] = set()
+        self._no_tasks: set[str] = set()
+        self._json: dict[str, Any] = {}  # parsed demographics and snapshots, by their JSON
+        # Persons the batch read or created, held so that the session's identity map (weak
+        # references) keeps answering `Session.get` for them without a query.
+        self._persons: dict[str, PersonRow] = {}
+        self._links: list[dict[str, Any]] = []
+        self._trusted_rows: list[dict[str, Any]] = []
 
-    def prefetch(self, keys: set[RecordKey], event_ids: set[str]) -> None:
-        """Two queries for the whole batch instead of several per message: the persons of
-        the source records it names, and which of them have parked resources."""
+    def prefetch(
+        self,
+        keys: set[RecordKey],
+        event_ids: set[str],
+        patient_keys: set[RecordKey] | None = None,
+    ) -> None:
+        """A few queries for the whole batch instead of several per message: the source
+        records it names and their persons, which of them have parked resources, which
+        persons have open review tasks or merges in force, and — for the Patients in it
+        (``patient_keys``) — every record of their persons."""
         if not keys:
             return
-        local_ids = {k[1] for k in keys}
-        for rec, person in self.s.exec(
-            select(SourceRecordRow, PersonRow)
-            .join(PersonRow, col(PersonRow.id) == col(SourceRecordRow.person_id))
-            .where(col(SourceRecordRow.local_id).in_(local_ids))
+        s = self.s
+        local_ids = sorted({k[1] for k in keys})
+        for rec in s.exec(
+            select(SourceRecordRow).where(col(SourceRecordRow.local_id).in_(local_ids))
         ):
             key = (rec.source, rec.local_id)
             if key in keys:
+                self._records[key] = rec
+        for key in keys:
+            self._records.setdefault(key, None)
+        person_ids = sorted({r.person_id for r in self._records.values() if r is not None})
+        persons: dict[str, PersonRow] = {}
+        if person_ids:
+            persons = {
+                p.id: p for p in s.exec(select(PersonRow).where(col(PersonRow.id).in_(person_ids)))
+            }
+        self._persons.update(persons)
+        for key, found in self._records.items():
+            if found is not None and found.person_id in persons:
+                person = persons[found.person_id]
                 self._people[key] = PersonRef(person.id, tuple(person.trusted_ids.split()))
         self._parked_keys = {
             (src, lid)
-            for src, lid in self.s.exec(
+            for src, lid in s.exec(
                 select(ParkedRow.source, ParkedRow.local_id).where(
                     col(ParkedRow.local_id).in_(local_ids),
                     col(ParkedRow.released_ms).is_(None)
@@ -335,13 +414,117 @@ class BatchWork:
                 )
             )
         }
+        if not persons:
+            return
+        known = sorted(persons)
+        tasked: set[str] = set()
+        for pid, cid in s.exec(
+            select(ReviewTaskRow.person_id, ReviewTaskRow.candidate_person_id).where(
+                ReviewTaskRow.status == "open",
+                col(ReviewTaskRow.person_id).in_(known)
+                | col(ReviewTaskRow.candidate_person_id).in_(known),
+            )
+        ):
+            tasked.update((pid, cid))
+        merged = set(
+            s.exec(
+                select(MergeRow.survivor_id).where(
+                    col(MergeRow.survivor_id).in_(known), MergeRow.status != "unmerged"
+                )
+            )
+        )
+        self._no_tasks.update(p for p in known if p not in tasked)
+        self._no_merges.update(p for p in known if p not in merged)
+        of_patients = sorted(
+            {
+                r.person_id
+                for k in patient_keys or ()
+                if (r := self._records.get(k)) is not None and r.person_id in persons
+            }
+        )
+        if of_patients:
+            for pid in of_patients:
+                self._records_of[pid] = []
+            for rec in s.exec(
+                select(SourceRecordRow)
+                .where(col(SourceRecordRow.person_id).in_(of_patients))
+                .order_by(col(SourceRecordRow.id))
+            ):
+                self._records_of[rec.person_id].append(rec)
+
+    def finish(self) -> None:
+        """Write what the batch kept for the end, in bulk (before its commit)."""
+        conn = self.s.connection()
+        if self._links:
+            conn.execute(insert(db.table_of(LinkRow)), self._links)
+            self._links = []
+        if self._trusted_rows:
+            conn.execute(insert(db.table_of(TrustedIdRow)), self._trusted_rows)
+            self._trusted_rows = []
+
+    # Lookups, answered from the batch where it can -----------------------------------------
+    def _record(self, key: RecordKey) -> SourceRecordRow | None:
+        if key not in self._records:
+            self._records[key] = db.source_record(self.s, *key)
+        return self._records[key]
+
+    def _person_row(self, person_id: str) -> PersonRow | None:
+        person = self._persons.get(person_id)
+        if person is None:
+            person = self.s.get(PersonRow, person_id)
+            if person is not None:
+                self._persons[person_id] = person
+        return person
+
+    def _person_records(self, person_id: str) -> list[SourceRecordRow]:
+        records = self._records_of.get(person_id)
+        if records is None:
+            records = self._records_of[person_id] = db.records_of(self.s, person_id)
+        return records
+
+    def _loads(self, text: str) -> Any:
+        parsed = self._json.get(text)
+        if parsed is None:
+            parsed = self._json[text] = orjson.loads(text)
+        return parsed
+
+    def _trusted_owners(self, identifiers: Sequence[Identifier]) -> dict[Identifier, str]:
+        """Which person claimed each of these trusted identifiers (those claimed): one
+        query for those the batch has not looked up yet."""
+        missing = {i for i in identifiers if i not in self._owners}
+        if missing:
+            for i in missing:
+                self._owners[i] = None
+            for system, value, person_id in self.s.exec(
+                select(TrustedIdRow.system, TrustedIdRow.value, TrustedIdRow.person_id).where(
+                    col(TrustedIdRow.system).in_(sorted({i.system for i in missing})),
+                    col(TrustedIdRow.value).in_(sorted({i.value for i in missing})),
+                )
+            ):
+                ident = Identifier(system, value)
+                if ident in missing:
+                    self._owners[ident] = person_id
+        out: dict[Identifier, str] = {}
+        for i in identifiers:
+            owner = self._owners[i]
+            if owner is not None:
+                out[i] = owner
+        return out
 
     # Identity state ----------------------------------------------------------------------
     def identity(self, person_id: str) -> IdentityState:
         """The person's identity state (cached for the batch; a new review task clears it)."""
         state = self._identity.get(person_id)
         if state is None:
-            state = self._identity[person_id] = identity_state(self.s, person_id)
+            if person_id in self._no_tasks and person_id in self._no_merges:
+                state = IdentityState(person_id)  # what identity_state says, without asking
+            else:
+                state = identity_state(self.s, person_id)
+                if not state.reasons:  # no open review task (until `_review` opens one)
+                    self._no_tasks.add(person_id)
+                if not state.merges:  # no merge in force (the batch makes none)
+                    self._no_merges.add(person_id)
+            self._identity[person_id] = state
         return state
 
     def record_event(
@@ -381,8 +564,8 @@ class BatchWork:
     def person_for(self, source: str, local_id: str) -> PersonRef | None:
         key = (source, local_id)
         if key not in self._people:
-            rec = db.source_record(self.s, source, local_id)
-            person = self.s.get(PersonRow, rec.person_id) if rec is not None else None
+            rec = self._record(key)
+            person = self._person_row(rec.person_id) if rec is not None else None
             self._people[key] = (
                 PersonRef(person.id, tuple(person.trusted_ids.split())) if person else None
             )
@@ -421,7 +604,7 @@ class BatchWork:
         demo = extract_demographics(patient, svc.trusted)
         snap = orjson.dumps(snapshot(patient), option=orjson.OPT_SORT_KEYS).decode()
         now = svc.clock()
-        rec = db.source_record(s, source, local_id)
+        rec = self._record(key)
         link: LinkEvent | None = None
         if rec is None:
             rec, link = self._new_record(key, demo, snap, event_id, now)
@@ -459,16 +642,21 @@ class BatchWork:
         svc, s = self.svc, self.s
         source, local_id = key
         # Persons another replica created with one of these identifiers: file them first.
-        owners = set(db.trusted_owners(s, demo.trusted).values())
+        owners = set(self._trusted_owners(demo.trusted).values())
         if owners:
             for pid in owners:
                 if not svc.index.records_of(pid):
                     svc.store.load_person(s, svc.index, pid)
         decision = svc.matcher.decide(demo, svc.index)
-        person = s.get(PersonRow, decision.person_id) if decision.person_id else None
+        person = self._person_row(decision.person_id) if decision.person_id else None
         if person is None:
             person = PersonRow(id=str(uuid.uuid4()), golden="{}", created_ms=now, updated_ms=now)
             s.add(person)
+            self._persons[person.id] = person
+            # A new person: no records yet, no review task, no merge.
+            self._records_of[person.id] = []
+            self._no_tasks.add(person.id)
+            self._no_merges.add(person.id)
         rec = SourceRecordRow(
             source=source,
             local_id=local_id,
@@ -481,18 +669,24 @@ class BatchWork:
         )
         s.add(rec)
         s.flush()
-        db.replace_identifiers(s, rec, demo)
+        self._records[key] = rec
+        if person.id in self._records_of:
+            self._records_of[person.id].append(rec)  # the newest id: the end of the list
+        db.replace_identifiers(s, rec, demo, new=True)
         best = decision.candidates[0].weight if decision.candidates else None
-        s.add(
-            LinkRow(
-                source=source,
-                local_id=local_id,
-                person_id=person.id,
-                grade=decision.grade.value,
-                weight=best if decision.person_id else None,
-                event_id=event_id,
-                created_ms=now,
-            )
+        self._links.append(
+            {
+                "source": source,
+                "local_id": local_id,
+                "person_id": person.id,
+                "grade": decision.grade.value,
+                "by": "auto",
+                "operation": None,
+                "weight": best if decision.person_id else None,
+                "event_id": event_id,
+                "created_ms": now,
+                "superseded_ms": None,
+            }
         )
         for item in decision.review:
             self._review(key, person.id, item.candidate, item.reason)
@@ -509,17 +703,22 @@ class BatchWork:
 
     def _claim(self, trusted: tuple[Identifier, ...], person_id: str, key: RecordKey) -> None:
         """Claim the person's trusted identifiers; one claimed by another person → review."""
-        owners = db.trusted_owners(self.s, trusted)
+        owners = self._trusted_owners(trusted)
         for ident in trusted:
             owner = owners.get(ident)
             if owner is None:
-                self.s.add(
-                    TrustedIdRow(system=ident.system, value=ident.value, person_id=person_id)
+                self._owners[ident] = person_id
+                self._trusted_rows.append(
+                    {
+                        "system": ident.system,
+                        "value": ident.value,
+                        "person_id": person_id,
+                        "created_ms": now_ms(),
+                    }
                 )
             elif owner != person_id:
                 c = Candidate(owner, Grade.POSSIBLE, 0.0, 0.0, basis=Basis.TRUSTED_ID)
                 self._review(key, person_id, c, ReviewReason.TRUSTED_ID_CONFLICT)
-        self.s.flush()
 
     def _check_update(self, key: RecordKey, demo: Demographics, person_id: str) -> None:
         """An updated Patient keeps its person; say so when the update points elsewhere."""
@@ -550,6 +749,8 @@ class BatchWork:
             return
         self._identity.pop(person_id, None)
         self._identity.pop(candidate.person_id, None)
+        self._no_tasks.discard(person_id)
+        self._no_tasks.discard(candidate.person_id)
         self.s.add(
             ReviewTaskRow(
                 id=str(uuid.uuid4()),
@@ -569,7 +770,7 @@ class BatchWork:
         self.s.flush()
 
     def _person(self, rec: SourceRecordRow) -> PersonRef:
-        person = self.s.get(PersonRow, rec.person_id)
+        person = self._person_row(rec.person_id)
         if person is None:  # a source record always has its person; never guess
             raise Unavailable(f"person {rec.person_id} of a source record is missing")
         return PersonRef(person.id, tuple(person.trusted_ids.split()))
@@ -577,7 +778,16 @@ class BatchWork:
     def _refresh_person(self, person_id: str, now: int) -> PersonRef:
         """Rebuild the golden record and trusted identifiers from the person's records."""
         self._identity.pop(person_id, None)
-        return refresh_person(self.s, person_id, now, self.svc.trusted)
+        self._person_row(person_id)  # held for the batch
+        return refresh_person(
+            self.s,
+            person_id,
+            now,
+            self.svc.trusted,
+            records=self._person_records(person_id),
+            replaces=() if person_id in self._no_merges else None,
+            loads=self._loads,
+        )
 
     def _release(self, source: str, local_id: str, event_id: str, now: int) -> list[ParkedMessage]:
         if self._parked_keys is not None and (source, local_id) not in self._parked_keys:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func
+from sqlalchemy import Table, delete, func, insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import Identifier
@@ -236,6 +236,12 @@ class PatientIndexStore:
 
 
 # In-transaction helpers (they take the batch's session) ------------------------------------
+def table_of(model: type[SQLModel]) -> Table:
+    """A table model's Core table, for bulk statements that bypass the unit of work."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
 def source_record(s: Session, source: str, local_id: str) -> SourceRecordRow | None:
     return s.exec(
         select(SourceRecordRow).where(
@@ -264,21 +270,29 @@ def trusted_owners(s: Session, identifiers: Sequence[Identifier]) -> dict[Identi
     return out
 
 
-def replace_identifiers(s: Session, record: SourceRecordRow, demographics: Demographics) -> None:
+def replace_identifiers(
+    s: Session, record: SourceRecordRow, demographics: Demographics, *, new: bool = False
+) -> None:
+    """The record's identifier rows, in one bulk insert (``new``: the record was just
+    created, so it has none to delete)."""
     assert record.id is not None
-    s.execute(delete(IdentifierRow).where(col(IdentifierRow.record_id) == record.id))
-    for ident, trusted in [(i, True) for i in demographics.trusted] + [
-        (i, False) for i in demographics.identifiers
-    ]:
-        s.add(
-            IdentifierRow(
-                system=ident.system,
-                value=ident.value,
-                trusted=trusted,
-                record_id=record.id,
-                person_id=record.person_id,
-            )
-        )
+    table = table_of(IdentifierRow)  # Core: nothing in the session holds these rows
+    conn = s.connection()
+    if not new:
+        conn.execute(delete(table).where(table.c.record_id == record.id))
+    rows = [
+        {
+            "system": ident.system,
+            "value": ident.value,
+            "trusted": trusted,
+            "record_id": record.id,
+            "person_id": record.person_id,
+        }
+        for ident, trusted in [(i, True) for i in demographics.trusted]
+        + [(i, False) for i in demographics.identifiers]
+    ]
+    if rows:
+        conn.execute(insert(table), rows)
 
 
 def current_link(s: Session, source: str, local_id: str) -> LinkRow | None:
