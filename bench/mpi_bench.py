@@ -215,8 +215,9 @@ class LinkRun:
     compared: int
     decisions: Counter[str]
     holds: Counter[str]
-    # (record, person) pairs a review task was opened for: "is this record that person?"
-    reviewed: set[tuple[RecordKey, str]] = field(default_factory=set)
+    # (record, person) pairs a review task was opened for ("is this record that person?"),
+    # with the task's reason: the hold (twin, undated, …) or the review reason.
+    reviewed: dict[tuple[RecordKey, str], str] = field(default_factory=dict)
 
 
 def link_all(
@@ -228,7 +229,7 @@ def link_all(
     person_of: dict[RecordKey, str] = {}
     decisions: Counter[str] = Counter()
     holds: Counter[str] = Counter()
-    reviewed: set[tuple[RecordKey, str]] = set()
+    reviewed: dict[tuple[RecordKey, str], str] = {}
     gc.collect()
     start = time.perf_counter()
     for n, (key, d) in enumerate(zip(keys, demos, strict=True)):
@@ -238,7 +239,10 @@ def link_all(
         person_of[key] = person
         decisions[_outcome(decision)] += 1
         for item in decision.review:
-            reviewed.add((key, item.candidate.person_id))
+            hold = item.candidate.hold
+            reviewed[(key, item.candidate.person_id)] = (
+                f"held: {hold}" if hold else str(item.reason)
+            )
             if item.candidate.hold is not None:
                 holds[str(item.candidate.hold)] += 1
     seconds = time.perf_counter() - start
@@ -255,15 +259,23 @@ def review_coverage(
     predicted = predicted_pairs(run.person_of)
     missed = true - predicted
     in_review = 0
+    why: Counter[str] = Counter()
     for a, b in missed:
         early, late = (a, b) if order[a] < order[b] else (b, a)
-        if (late, run.person_of[early]) in run.reviewed:
+        reason = run.reviewed.get((late, run.person_of[early]))
+        if reason is not None:
             in_review += 1
+            why[reason] += 1
     found = len(true) - len(missed) + in_review
     return {
         "missed_pairs": len(missed),
         "missed_pairs_in_review": in_review,
         "missed_pairs_silently": len(missed) - in_review,
+        # Why the task was opened instead of a link: a hard-negative rule that held it
+        # ("held: twin", …), possible-match (between the thresholds), ambiguous-match (the
+        # record was linked to another person that matched as well: one person the index
+        # holds twice), trusted-id-conflict.
+        "missed_pairs_in_review_by_reason": dict(why.most_common()),
         "recall_with_review": round(found / len(true), 5) if true else 1.0,
     }
 
@@ -689,6 +701,7 @@ def print_dataset(name: str, notes: str, results: dict[str, Any]) -> None:
         f"review task, {rv['missed_pairs_silently']} silently; recall if reviewers accept "
         f"the right tasks {rv['recall_with_review']:.4f}"
     )
+    print(f"  {'':<16} missed pairs in review, by reason {rv['missed_pairs_in_review_by_reason']}")
     abl = hdx["without_hard_negative_rules"]
     print(
         f"  {'':<16} without the hard-negative rules: P {abl['precision']:.4f}  "

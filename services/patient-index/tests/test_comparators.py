@@ -84,7 +84,10 @@ def test_given(a: Any, b: Any, level: Level) -> None:
         (["Ada", "Mary"], ["Ada", "M"], Level.INITIAL),
         (["Ada", "Mary"], ["Ada", "Marry"], Level.FUZZY_HIGH),
         (["Ada", "Mary"], ["Ada", "Florence"], Level.DISAGREE),
-        (["Ada", "Mary"], ["Ada"], Level.MISSING),  # no middle name on one side
+        (["Ada", "Mary"], ["Ada"], Level.ONE_SIDED),  # a middle name on one side only
+        (["Mary", "Ada"], ["Ada"], Level.MISSING),  # the middle name used as the first
+        (["Ada", "Mary", "Jane"], ["Jane", "Mary"], Level.EXACT),  # reordered, one shared
+        (["Ada", "Mary"], [], Level.MISSING),  # no given name at all on one side
         (["Ada", "Mary"], ["Mary", "Ada"], Level.MISSING),  # reordered: the given's business
         ("Ada", "Ada", Level.MISSING),
     ],

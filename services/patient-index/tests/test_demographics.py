@@ -60,6 +60,28 @@ def test_an_empty_patient_has_empty_demographics() -> None:
     assert extract_demographics({"resourceType": "Patient"}, TrustedSystems()) == Demographics()
 
 
+def test_mobiles_are_the_phones_a_source_marked_mobile_and_round_trip() -> None:
+    d = extract_demographics(
+        {
+            "resourceType": "Patient",
+            "telecom": [
+                {"system": "phone", "use": "home", "value": "0113 496 0000"},
+                {"system": "phone", "use": "mobile", "value": "+44 7700 900123"},
+                {"system": "sms", "use": "mobile", "value": "07700 900456"},
+                {"system": "email", "use": "mobile", "value": "ada@example.org"},
+            ],
+        },
+        TrustedSystems(),
+    )
+    assert d.phones == ("1134960000", "7700900123", "7700900456")
+    assert d.mobiles == ("7700900123", "7700900456")
+    assert Demographics.from_json(d.to_json()) == d
+    # A snapshot written before mobiles were kept reads as none (a home phone, at worst).
+    doc = d.to_json()
+    del doc["mobiles"]
+    assert Demographics.from_json(doc).mobiles == ()
+
+
 def test_json_round_trip() -> None:
     d = demo(
         postcode="SW1A 1AA",

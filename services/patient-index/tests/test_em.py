@@ -281,6 +281,17 @@ def test_a_model_of_the_priors_weighs_as_the_priors_and_round_trips_through_text
     assert MatchModel.loads(model.dumps().decode()) == model
 
 
+def test_a_model_written_before_the_one_sided_middle_level_loads_and_weighs_it_as_nothing() -> None:
+    doc = orjson.loads(prior_model().dumps())
+    del doc["m"]["middle"]["one-sided"], doc["u"]["middle"]["one-sided"]
+    for side in ("m", "u"):  # the other levels as they were, summing to about 1
+        total = sum(doc[side]["middle"].values())
+        doc[side]["middle"] = {lv: p / total for lv, p in doc[side]["middle"].items()}
+    weights = MatchModel.from_json(doc).weights()
+    assert weights.weight(F.MIDDLE, L.ONE_SIDED) == 0.0
+    assert weights.weight(F.MIDDLE, L.DISAGREE) < 0
+
+
 def _broken(change: str) -> object:
     doc = orjson.loads(prior_model().dumps())
     if change == "not an object":

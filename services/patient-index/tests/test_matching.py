@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import date
 from typing import Any
 
 import pytest
 from pix_builders import NHS_A, NHS_B, NHS_C, demo
 
-from hdx_patient_index.domain.comparators import compare
+from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
 from hdx_patient_index.domain.index import PersonIndex
@@ -235,8 +236,10 @@ def person(
     family: str = "lovelace",
     gender: str | None = "female",
     mrn: str | None = None,
+    mobile: str | None = None,
 ) -> Demographics:
-    """Someone at the Lovelaces' home: same address, postcode and phone."""
+    """Someone at the Lovelaces' home: same address, postcode and (home) phone; a mobile
+    of their own if given."""
     d = date.fromisoformat(born) if born else None
     return Demographics(
         family=family,
@@ -246,7 +249,8 @@ def person(
         gender=gender,
         postcodes=("SW1A1AA",),
         addresses=("12 st jamess sq",),
-        phones=("2079460958",),
+        phones=("2079460958",) + ((mobile,) if mobile else ()),
+        mobiles=(mobile,) if mobile else (),
         identifiers=(Identifier("urn:mrn", mrn),) if mrn else (),
     )
 
@@ -267,6 +271,8 @@ HOLD_CASES: list[tuple[str, Demographics, Hold | None]] = [
     ("someone at home, no date", person("augusta", None), Hold.HOUSEHOLD),
     ("father or son of the same name, no date", person("ada", None), Hold.UNDATED),
     ("no date, same hospital number", person("ada", None, mrn="7"), None),
+    ("no date, her own mobile", person("ada", None, mobile="7700900123"), None),
+    ("no date, another mobile", person("ada", None, mobile="7700900999"), Hold.UNDATED),
     ("birth year typed wrong", person("ada", "1825-12-10"), None),  # one digit
     ("same hospital number (twin)", person("augusta", "1815-12-10", mrn="7"), None),
 ]
@@ -276,7 +282,7 @@ HOLD_CASES: list[tuple[str, Demographics, Hold | None]] = [
     ("other", "rule"), [c[1:] for c in HOLD_CASES], ids=[c[0] for c in HOLD_CASES]
 )
 def test_hard_negative_rules(other: Demographics, rule: Hold | None) -> None:
-    ada = person("ada", "1815-12-10", mrn="7")
+    ada = person("ada", "1815-12-10", mrn="7", mobile="7700900123")
     levels = compare(ada, other)
     assert hold(ada, other, levels) is rule
     assert hold(other, ada, compare(other, ada)) is rule
@@ -342,6 +348,39 @@ def test_an_undated_record_links_when_another_of_the_persons_records_has_its_bir
     # A new undated record: nothing of hers can agree on a date it does not carry.
     decision = linker.decide(person("ada", None), index)
     assert decision.person_id is None and decision.review[0].candidate.hold is Hold.UNDATED
+
+
+def test_a_shared_mobile_answers_a_missing_birth_date_a_shared_home_phone_does_not() -> None:
+    linker = Matcher(MatchConfig(upper=1.0, lower=0.0))
+    # George senior, dated; a record of 'George' at his home with no birth date. The home
+    # phone is the household's (his son George junior shares it): held for review.
+    father = person("george", "1950-01-01", gender="male", mobile="7700900001")
+    index = index_with(("P1", father))
+    decision = linker.decide(person("george", None, gender="male"), index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.UNDATED
+    # His own mobile number (FHIR use 'mobile': it stays with its owner) says which George.
+    decision = linker.decide(person("george", None, gender="male", mobile="7700900001"), index)
+    assert decision.person_id == "P1" and decision.grade is Grade.PROBABLE
+    # Another mobile: his son's, perhaps: held.
+    decision = linker.decide(person("george", None, gender="male", mobile="7700900002"), index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.UNDATED
+    # The mobile on another of the person's records than the best one counts as well.
+    bare = Demographics(family="lovelace", given=("george",), mobiles=("7700900003",))
+    bare = replace(bare, phones=bare.mobiles)
+    index = index_with(("P1", person("george", "1950-01-01", gender="male")), ("P1", bare))
+    decision = linker.decide(person("george", None, gender="male", mobile="7700900003"), index)
+    assert decision.person_id == "P1"
+
+
+def test_a_shared_mobile_does_not_answer_a_twin_or_a_generation() -> None:
+    # A contradiction (another given name on the same birthday, a birth date a generation
+    # away) is not lifted by a phone: children's records carry a parent's mobile.
+    linker = Matcher(MatchConfig(upper=1.0, lower=0.0))
+    index = index_with(("P1", person("ada", "1815-12-10", mobile="7700900123")))
+    twin = person("augusta", "1815-12-10", mobile="7700900123")
+    assert linker.decide(twin, index).review[0].candidate.hold is Hold.TWIN
+    daughter = person("ada", "1840-07-01", mobile="7700900123")
+    assert linker.decide(daughter, index).review[0].candidate.hold is Hold.GENERATION
 
 
 def test_an_exact_identifier_answers_another_records_contradiction_a_near_one_does_not() -> None:
@@ -413,3 +452,12 @@ def test_thresholds_for_a_population(persons: int, upper: float, lower: float) -
     defaults = MatchConfig()
     assert abs(MatchConfig.for_population(2**24).upper - defaults.upper) < 1
     assert abs(MatchConfig.for_population(2**24).lower - defaults.lower) < 1
+
+
+def test_the_matcher_weighs_swapped_names_as_agreeing_names_not_more() -> None:
+    right = person("ada", "1815-12-10")
+    swapped = replace(right, family="ada", given=("lovelace",))
+    weight, levels = Matcher().weigh(right, swapped)
+    exact, _ = Matcher().weigh(right, right)
+    assert levels[Field.FAMILY] is Level.TRANSPOSED
+    assert weight == pytest.approx(exact)

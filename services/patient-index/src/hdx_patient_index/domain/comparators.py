@@ -50,6 +50,7 @@ class Level(StrEnum):
     DISTRICT = "district"  # same postcode district (outward code)
     SAME_LINE = "same-line"  # addresses: the same first line under another postcode
     SAME_POSTCODE = "same-postcode"  # addresses: the same postcode, not the same line
+    ONE_SIDED = "one-sided"  # middle names: one record has some, the other none
     DISAGREE = "disagree"
     MISSING = "missing"
 
@@ -125,16 +126,23 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
 def compare_middle(a: Demographics, b: Demographics) -> Level:
     """Middle names, when both records have some: one the same → exact; one the other's
     initial → initial; one a typo of the other (Jaro–Winkler ≥ JW_HIGH) → fuzzy-high; all
-    different → disagree. Missing when either has none, or when a middle name of one is
-    the other's first given name (a middle name used as the first, names reordered: the
+    different → disagree. One record with middle names and the other with a given name but
+    none → one-sided: whether that tells anything (sources that drop middle names, or two
+    people) is the model's to say — EM estimates its m and u like any level's. Missing when
+    neither has any, when either has no given name, or when a middle name of one is the
+    other's first given name (a middle name used as the first, names reordered: the
     given-name comparison has weighed that already)."""
+    if not a.given or not b.given:
+        return Level.MISSING
     ma, mb = a.given[1:], b.given[1:]
-    if not ma or not mb:
+    if not ma and not mb:
         return Level.MISSING
     if not set(ma).isdisjoint(mb):
         return Level.EXACT
     if a.given[0] in mb or b.given[0] in ma:
         return Level.MISSING
+    if not ma or not mb:
+        return Level.ONE_SIDED
     if any((len(x) == 1 or len(y) == 1) and x[0] == y[0] for x in ma for y in mb):
         return Level.INITIAL
     if any(jaro_winkler(x, y) >= JW_HIGH for x in ma for y in mb):

@@ -35,6 +35,10 @@ class Demographics:
     postcodes: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()  # first lines of current addresses ('12 station rd')
     phones: tuple[str, ...] = ()
+    # The phones a source marked as mobile (ContactPoint.use 'mobile', "a telecommunication
+    # device that moves and stays with its owner"): a person's own, where a home phone is a
+    # household's. Each is in ``phones`` as well.
+    mobiles: tuple[str, ...] = ()
     trusted: tuple[Identifier, ...] = ()  # valid identifiers of trusted systems
     identifiers: tuple[Identifier, ...] = ()  # every other identifier
 
@@ -69,6 +73,8 @@ class Demographics:
             doc["addresses"] = list(self.addresses)
         if self.phones:
             doc["phones"] = list(self.phones)
+        if self.mobiles:
+            doc["mobiles"] = list(self.mobiles)
         if self.trusted:
             doc["trusted"] = [i.token for i in self.trusted]
         if self.identifiers:
@@ -88,6 +94,7 @@ class Demographics:
             postcodes=tuple(doc.get("postcodes", ())),
             addresses=tuple(doc.get("addresses", ())),
             phones=tuple(doc.get("phones", ())),
+            mobiles=tuple(doc.get("mobiles", ())),
             trusted=tuple(Identifier.parse_token(t) for t in doc.get("trusted", ())),
             identifiers=tuple(Identifier.parse_token(t) for t in doc.get("identifiers", ())),
         )
@@ -196,12 +203,15 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         if line:
             lines[line] = None
     phones: dict[str, None] = {}
+    mobiles: dict[str, None] = {}
     for t in _dicts(patient.get("telecom")):
         raw_phone = t.get("value")
         if t.get("system") in ("phone", "sms") and isinstance(raw_phone, str):
             phone = normalise_phone(raw_phone)
             if phone:
                 phones[phone] = None
+                if t.get("use") == "mobile":
+                    mobiles[phone] = None
     good, other = extract_identifiers(patient, trusted)
     return Demographics(
         family=family,
@@ -213,6 +223,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         postcodes=tuple(postcodes),
         addresses=tuple(lines),
         phones=tuple(phones),
+        mobiles=tuple(mobiles),
         trusted=good,
         identifiers=other,
     )

@@ -27,8 +27,11 @@
    birth date), neither is linked; both go to review — unless the record carries the same
    identifier value as one of them and not the other, which then wins.
    Nor does a record link on demographics when the birth date is missing on either side
-   and no record of the person agrees on it (`UNDATED`): name, sex and address are what a
-   father and his son of one name share; such a link waits for a reviewer or an identifier.
+   and no record of the person agrees on it (`UNDATED`): name, sex, address and home phone
+   are what a father and his son of one name share; such a link waits for a reviewer, an
+   identifier, or the person's own mobile number (`shares_mobile`: a number a source marked
+   as a mobile, which stays with its owner). A mobile does not lift a twin or generation
+   contradiction, though: a child's record often carries a parent's mobile.
    `MatchConfig.hard_negatives=False` turns all of this off (to measure what it costs).
 
 Grades follow FHIR's match-grade extension (certain | probable | possible | certainly-not).
@@ -235,11 +238,19 @@ def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hol
         return Hold.GENERATION
     if not given_agrees and not born_agrees:
         return Hold.HOUSEHOLD
-    if born is Level.MISSING:
+    if born is Level.MISSING and not shares_mobile(a, b):
         # Name, sex and address are what a father and his son of the same name share; only
-        # the birth date (or an identifier, checked above) tells them apart.
+        # the birth date, an identifier (checked above) or the person's own mobile tells
+        # them apart.
         return Hold.UNDATED
     return None
+
+
+def shares_mobile(a: Demographics, b: Demographics) -> bool:
+    """A number one record's source marked as a mobile (FHIR ContactPoint.use 'mobile': a
+    device that stays with its owner) is among the other record's phones. A home phone is
+    a household's, like its address, and says nothing about which member a record is."""
+    return not (set(a.mobiles).isdisjoint(b.phones) and set(b.mobiles).isdisjoint(a.phones))
 
 
 # The holds that any record of a person (not only its best) imposes: a contradiction.
@@ -286,7 +297,7 @@ class Matcher:
 
     def weigh(self, a: Demographics, b: Demographics) -> tuple[float, dict[Field, Level]]:
         levels = compare(a, b)
-        return self.config.weights.score(a, levels), levels
+        return self.config.weights.score(a, levels, b), levels
 
     def probability(self, weight: float) -> float:
         """The posterior probability of a match, from the weight and the prior odds."""
@@ -327,8 +338,12 @@ class Matcher:
         tied = _tied(scored)
         if grade is Grade.PROBABLE and self.config.hard_negatives:
             held = hold(d, best_record, levels)
-            if held is Hold.UNDATED and any(agreement(d, o, lv)[1] for _, lv, o in scored):
-                held = None  # another of the person's records agrees on the birth date
+            if held is Hold.UNDATED and any(
+                agreement(d, o, lv)[1] or shares_mobile(d, o) for _, lv, o in scored
+            ):
+                # Another of the person's records agrees on the birth date, or shares a
+                # mobile with the record.
+                held = None
             # Another record's contradiction counts unless an identifier ties the record
             # to the person outright (see `_tied`).
             if held is None and not tied:

@@ -55,14 +55,17 @@ PRIOR_PROBABILITIES: ProbabilityTable = {
         L.TRANSPOSED: (0.002, 0.0001),
         L.DISAGREE: (0.018, 0.905),
     },
-    # Middle names, where both records have one: the same person's rarely differ (a source
-    # keeps an initial, or a typo); strangers share one by chance about as often as a first
-    # name (~1.5 %). Most records have none, and then this weighs nothing (missing).
+    # Middle names, where at least one record has one. Many sources record the first given
+    # name only, so the same person's records often differ in having one at all (one-sided,
+    # weighing a little against); where both have one, they rarely differ (a source keeps
+    # an initial, or a typo), and strangers share one about as often as a first name
+    # (~1.5 %). About half of strangers' pairs are one-sided. Neither with one: missing.
     F.MIDDLE: {
-        L.EXACT: (0.88, 0.015),
-        L.INITIAL: (0.05, 0.04),
-        L.FUZZY_HIGH: (0.03, 0.005),
-        L.DISAGREE: (0.04, 0.94),
+        L.EXACT: (0.62, 0.0075),
+        L.INITIAL: (0.035, 0.02),
+        L.FUZZY_HIGH: (0.02, 0.0025),
+        L.DISAGREE: (0.025, 0.47),
+        L.ONE_SIDED: (0.30, 0.50),
     },
     # Birth dates spread over ~80 years, with clumping: u(exact) ≈ 1e-4.
     F.BIRTH_DATE: {
@@ -141,6 +144,12 @@ TERM_VALUES: Mapping[Field, Callable[[Demographics], str | None]] = {
 }
 
 
+# Levels that weigh nothing in a table that does not list them (rather than as DISAGREE):
+# comparisons that were MISSING before the level existed, so that a model file written
+# then weighs them as it did.
+NO_EVIDENCE_UNLESS_LISTED = frozenset({Level.ONE_SIDED})
+
+
 @dataclass(frozen=True)
 class MatchWeights:
     """log2(m/u) per field and level; a level a table leaves out weighs as DISAGREE.
@@ -182,20 +191,57 @@ class MatchWeights:
         levels = self.table.get(field)
         if levels is None:
             return 0.0
+        if level in NO_EVIDENCE_UNLESS_LISTED and level not in levels:
+            return 0.0
         return levels.get(level, levels.get(Level.DISAGREE, 0.0))
 
     def total(self, levels: Mapping[Field, Level]) -> float:
         flat = self._flat
         return sum(flat.get(item, 0.0) for item in levels.items())
 
-    def score(self, a: Demographics, levels: Mapping[Field, Level]) -> float:
+    def score(
+        self, a: Demographics, levels: Mapping[Field, Level], b: Demographics | None = None
+    ) -> float:
         """The pair's weight: ``total`` with exact name agreements weighed by how common
-        the name is (``a`` is either record: on EXACT both hold the same value)."""
+        the name is (``a`` is either record: on EXACT both hold the same value), and
+        family and given name swapped (TRANSPOSED, with ``b``) weighed as the two names
+        agreeing (`transposed_weight`)."""
         total = self.total(levels)
         for f, tf in self.term_frequencies.items():
             if levels.get(f) is Level.EXACT and (value := TERM_VALUES[f](a)) is not None:
                 total += tf.weight(value) - self._flat.get((f, Level.EXACT), 0.0)
+        if (
+            b is not None
+            and levels.get(Field.FAMILY) is Level.TRANSPOSED
+            and levels.get(Field.GIVEN) is Level.TRANSPOSED
+        ):
+            flat = self._flat
+            total += self.transposed_weight(a, b) - (
+                flat.get((Field.FAMILY, Level.TRANSPOSED), 0.0)
+                + flat.get((Field.GIVEN, Level.TRANSPOSED), 0.0)
+            )
         return total
+
+    def transposed_weight(self, a: Demographics, b: Demographics) -> float:
+        """What family and given name swapped between two records weigh: the two names
+        agreeing, as EXACT on both would weigh them (term frequencies included).
+
+        A swap is a keying error of one record, as likely in a stranger's record as in the
+        person's own, so its rate cancels out of m/u: the evidence is the names. (u for
+        the level from random pairs is next to nothing — strangers' records hardly ever
+        carry each other's names swapped — and would make a swap of two common names
+        weigh more than typing them right.) Each name is weighed as the commoner of its
+        two readings (the record in the right order is not known)."""
+        out = 0.0
+        for f in (Field.FAMILY, Field.GIVEN):
+            tf = self.term_frequencies.get(f)
+            value_of = TERM_VALUES[f]
+            readings = [v for v in (value_of(a), value_of(b)) if v is not None]
+            if tf is None or not readings:
+                out += self._flat.get((f, Level.EXACT), 0.0)
+            else:
+                out += min(tf.weight(v) for v in readings)
+        return out
 
 
 DEFAULT_WEIGHTS = MatchWeights.from_probabilities(PRIOR_PROBABILITIES)
