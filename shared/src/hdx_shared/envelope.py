@@ -48,6 +48,17 @@ class ChangeType(StrEnum):
     DELETE = "delete"
 
 
+# The headers' names as plain strings, for the per-record code below (an enum member's
+# attribute lookup and hashing cost more than a str's, and this runs for every record at
+# every hop).
+_ID, _SOURCE, _TYPE = Header.ID.value, Header.SOURCE.value, Header.TYPE.value
+_SPECVERSION, _CONTENT_TYPE = Header.SPECVERSION.value, Header.CONTENT_TYPE.value
+_RESOURCE_TYPE, _PATIENT_REF = Header.RESOURCE_TYPE.value, Header.PATIENT_REF.value
+_PERSON, _PERSON_IDENTIFIERS = Header.PERSON.value, Header.PERSON_IDENTIFIERS.value
+_RECEIVED_AT = Header.RECEIVED_AT.value
+_CHANGES = {c.value: c for c in ChangeType}
+
+
 def derive_event_id(*parts: str) -> str:
     """A stable event id from stable facts (source, publisher's id, entry index)."""
     return str(uuid.uuid5(EVENT_NAMESPACE, "|".join(parts)))
@@ -76,26 +87,26 @@ class Envelope:
     def from_headers(cls, headers: Iterable[tuple[str, bytes]] | Mapping[str, str]) -> Self:
         """Read an envelope; missing ids are left empty for the caller to reject or derive."""
         items = headers.items() if isinstance(headers, Mapping) else headers
-        h: dict[str, str] = {}
-        for k, v in items:
-            h[k] = v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
-        change_raw = h.pop(Header.TYPE, ChangeType.UPDATE.value)
-        try:
-            change = ChangeType(change_raw.rsplit(".", 1)[-1])
-        except ValueError:
+        h: dict[str, str] = {
+            k: v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+            for k, v in items
+        }
+        change_raw = h.pop(_TYPE, "update")
+        change = _CHANGES.get(change_raw.rsplit(".", 1)[-1])
+        if change is None:
             change = ChangeType.UPDATE
             h["hdx_invalid_type"] = change_raw
-        received = h.pop(Header.RECEIVED_AT, None)
-        idents = h.pop(Header.PERSON_IDENTIFIERS, "")
-        for known in (Header.SPECVERSION, Header.CONTENT_TYPE):
-            h.pop(known, None)
+        received = h.pop(_RECEIVED_AT, None)
+        idents = h.pop(_PERSON_IDENTIFIERS, "")
+        h.pop(_SPECVERSION, None)
+        h.pop(_CONTENT_TYPE, None)
         return cls(
-            event_id=h.pop(Header.ID, ""),
-            source=h.pop(Header.SOURCE, ""),
+            event_id=h.pop(_ID, ""),
+            source=h.pop(_SOURCE, ""),
             change=change,
-            resource_type=h.pop(Header.RESOURCE_TYPE, None),
-            patient_ref=h.pop(Header.PATIENT_REF, None),
-            person=h.pop(Header.PERSON, None),
+            resource_type=h.pop(_RESOURCE_TYPE, None),
+            patient_ref=h.pop(_PATIENT_REF, None),
+            person=h.pop(_PERSON, None),
             person_identifiers=tuple(idents.split()) if idents else (),
             received_at_ms=int(received)
             if received and received.isascii() and received.isdigit()
@@ -107,21 +118,21 @@ class Envelope:
         """Headers for the next hop: CloudEvents binary mode plus HDX's own."""
         # Plain str keys: Kafka clients' C extensions reject str subclasses such as Header.
         h = {str(k): v for k, v in self.extra.items() if not k.startswith("hdx_invalid")}
-        h[Header.ID.value] = self.event_id
-        h[Header.SOURCE.value] = self.source
-        h[Header.TYPE.value] = self.change.value
-        h[Header.SPECVERSION.value] = CE_SPECVERSION
-        h[Header.CONTENT_TYPE.value] = FHIR_JSON
+        h[_ID] = self.event_id
+        h[_SOURCE] = self.source
+        h[_TYPE] = self.change.value
+        h[_SPECVERSION] = CE_SPECVERSION
+        h[_CONTENT_TYPE] = FHIR_JSON
         if self.resource_type:
-            h[Header.RESOURCE_TYPE.value] = self.resource_type
+            h[_RESOURCE_TYPE] = self.resource_type
         if self.patient_ref:
-            h[Header.PATIENT_REF.value] = self.patient_ref
+            h[_PATIENT_REF] = self.patient_ref
         if self.person:
-            h[Header.PERSON.value] = self.person
+            h[_PERSON] = self.person
         if self.person_identifiers:
-            h[Header.PERSON_IDENTIFIERS.value] = " ".join(self.person_identifiers)
+            h[_PERSON_IDENTIFIERS] = " ".join(self.person_identifiers)
         if self.received_at_ms is not None:
-            h[Header.RECEIVED_AT.value] = str(self.received_at_ms)
+            h[_RECEIVED_AT] = str(self.received_at_ms)
         return h
 
     def with_extra(self, **headers: str) -> Envelope:

@@ -167,6 +167,35 @@ _REFRESH_PERSON = (
 )
 
 
+_TRUSTED = db.table_of(TrustedIdRow)
+_TASKS = db.table_of(ReviewTaskRow)
+_MERGES = db.table_of(MergeRow)
+# Has a person an open review task (either side) / a merge in force: what `prefetch` asks
+# for the batch's persons, for one the batch did not load (a person the matcher chose).
+# On the batch's connection without an autoflush: `_review` flushes each task it opens,
+# and a batch makes no merges.
+_HAS_OPEN_TASK = (
+    select(_TASKS.c.id)
+    .where(
+        _TASKS.c.status == "open",
+        (_TASKS.c.person_id == bindparam("p")) | (_TASKS.c.candidate_person_id == bindparam("p")),
+    )
+    .limit(1)
+)
+_HAS_MERGE = (
+    select(_MERGES.c.id)
+    .where(_MERGES.c.survivor_id == bindparam("p"), _MERGES.c.status != "unmerged")
+    .limit(1)
+)
+# Who claimed trusted identifiers: compiled once, run on the batch's connection. No
+# autoflush is needed before it — a batch writes its claims at the end (`finish`) and
+# answers its own from `BatchWork._owners` — so it does not flush the session either.
+_TRUSTED_OWNERS = select(_TRUSTED.c.system, _TRUSTED.c.value, _TRUSTED.c.person_id).where(
+    _TRUSTED.c.system.in_(bindparam("systems", expanding=True)),
+    _TRUSTED.c.value.in_(bindparam("values", expanding=True)),
+)
+
+
 def refresh_person(
     s: Session,
     person_id: str,
@@ -495,11 +524,12 @@ class BatchWork:
         if missing:
             for i in missing:
                 self._owners[i] = None
-            for system, value, person_id in self.s.exec(
-                select(TrustedIdRow.system, TrustedIdRow.value, TrustedIdRow.person_id).where(
-                    col(TrustedIdRow.system).in_(sorted({i.system for i in missing})),
-                    col(TrustedIdRow.value).in_(sorted({i.value for i in missing})),
-                )
+            for system, value, person_id in self.s.connection().execute(
+                _TRUSTED_OWNERS,
+                {
+                    "systems": sorted({i.system for i in missing}),
+                    "values": sorted({i.value for i in missing}),
+                },
             ):
                 ident = Identifier(system, value)
                 if ident in missing:
@@ -516,6 +546,7 @@ class BatchWork:
         """The person's identity state (cached for the batch; a new review task clears it)."""
         state = self._identity.get(person_id)
         if state is None:
+            self._learn_state(person_id)
             if person_id in self._no_tasks and person_id in self._no_merges:
                 state = IdentityState(person_id)  # what identity_state says, without asking
             else:
@@ -526,6 +557,19 @@ class BatchWork:
                     self._no_merges.add(person_id)
             self._identity[person_id] = state
         return state
+
+    def _learn_state(self, person_id: str) -> None:
+        """Find out (two precompiled queries) whether a person the batch has not asked about
+        has an open review task or a merge in force; `identity` and `_refresh_person` then
+        answer a person with neither without loading its rows."""
+        if person_id in self._no_tasks and person_id in self._no_merges:
+            return
+        conn = self.s.connection()
+        params = {"p": person_id}
+        if person_id not in self._no_tasks and conn.execute(_HAS_OPEN_TASK, params).first() is None:
+            self._no_tasks.add(person_id)
+        if person_id not in self._no_merges and conn.execute(_HAS_MERGE, params).first() is None:
+            self._no_merges.add(person_id)
 
     def record_event(
         self,
@@ -779,6 +823,7 @@ class BatchWork:
         """Rebuild the golden record and trusted identifiers from the person's records."""
         self._identity.pop(person_id, None)
         self._person_row(person_id)  # held for the batch
+        self._learn_state(person_id)
         return refresh_person(
             self.s,
             person_id,
