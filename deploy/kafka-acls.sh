@@ -9,7 +9,8 @@
 #   the hdx.* topics (a service checks at start-up that the core topics exist). The same
 #   grants as deploy/k8s/base/kafka-users.yaml; tests/deploy derives the expected sets from
 #   the services' code and fails when code, this table or the KafkaUsers drift apart.
-# - publisher-st-marys, a demo publisher: writes hdx.inbound, nothing else.
+# - publisher-st-marys, a demo publisher: writes its own topic hdx.inbound.st-marys, nothing
+#   else; the exchange takes what arrives there as St Mary's (docs/security.md).
 # - subscriber-oakwood-care-home, a demo subscriber: reads its own feed,
 #   hdx.feed.oakwood-care-home, in its own consumer group (named after the user), nothing else.
 # docs/operations.md ("Kafka security") says how to add a publisher or a subscriber.
@@ -92,6 +93,7 @@ acl hdx-exchange      topic   literal  "${prefix}validated"           Write,Desc
 acl hdx-exchange      topic   literal  "${prefix}routed"              Write,Describe
 acl hdx-exchange      topic   literal  "${prefix}deadletter"          Write,Describe
 acl hdx-exchange      topic   prefixed "${prefix}feed."               Create,Write,Describe
+acl hdx-exchange      topic   prefixed "${prefix}inbound."            Create,Read,Describe
 acl hdx-exchange      topic   prefixed "${prefix}"                    Describe
 acl hdx-exchange      group   literal  "${groups}exchange-ingress"    Read
 acl hdx-exchange      group   literal  "${groups}exchange-router"     Read
@@ -99,7 +101,7 @@ acl hdx-exchange      group   literal  "${groups}exchange-delivery"   Read
 acl hdx-exchange      group   literal  "${groups}exchange-audit-log"  Read
 acl hdx-exchange      cluster literal  kafka-cluster                  IdempotentWrite
 
-acl publisher-st-marys topic  literal  "${prefix}inbound"             Write,Describe
+acl publisher-st-marys topic  literal  "${prefix}inbound.st-marys"   Write,Describe
 acl publisher-st-marys cluster literal kafka-cluster                  IdempotentWrite
 
 acl subscriber-oakwood-care-home topic literal "${prefix}feed.oakwood-care-home" Read,Describe

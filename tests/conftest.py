@@ -21,6 +21,9 @@ def stack(kafka: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         "HDX_LOG_JSON": "true",
         # Short waits so tests of slow paths stay quick.
         "HDX_REGISTRY_REFRESH_SECONDS": "0.5",
+        # Every test client asks for tokens from 127.0.0.1: one address, many clients.
+        "HDX_AUTH_TOKEN_RATE_LIMIT": "100/second",
+        "HDX_AUTH_REVOCATION_REFRESH_SECONDS": "0.5",
         "HDX_REST_HOOK_BACKOFF_BASE_SECONDS": "0.1",
         "HDX_REST_HOOK_BACKOFF_MAX_SECONDS": "0.5",
         "HDX_REST_HOOK_MAX_ATTEMPTS": "4",

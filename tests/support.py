@@ -91,6 +91,7 @@ class Publisher:
         key: str | None = None,
         event_id: str | None = None,
         topic: str = "hdx.inbound",
+        send_source: bool = True,
     ) -> str:
         event_id = event_id or str(uuid.uuid4())
         value = resource if isinstance(resource, bytes) else orjson.dumps(resource)
@@ -103,7 +104,7 @@ class Publisher:
             key = f"{source}|{ref.removeprefix('Patient/')}"
         headers = [
             ("ce_id", event_id),
-            ("ce_source", source),
+            *([("ce_source", source)] if send_source else []),
             ("ce_type", "update"),
             ("ce_specversion", "1.0"),
             ("content-type", "application/fhir+json"),
@@ -257,7 +258,10 @@ def register_client(
     return stack.client_auth(client_id)
 
 
-def register_publisher(exchange_url: str, source: str) -> None:
+def register_publisher(
+    exchange_url: str, source: str, topic_name: str | None = None
+) -> dict[str, Any]:
+    """Register a publisher; the exchange's answer (with its `inbound_topic`)."""
     r = api(exchange_url).post(
         f"{exchange_url}/admin/publishers",
         timeout=10,
@@ -265,9 +269,12 @@ def register_publisher(exchange_url: str, source: str) -> None:
             "source": source,
             "name": source,
             "patient_identifier_system": f"{source}/patient-id",
+            **({"topic_name": topic_name} if topic_name else {}),
         },
     )
     assert r.status_code == 201, r.text
+    registered: dict[str, Any] = r.json()
+    return registered
 
 
 def consent_denying(nhs: str, recipient: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from hdx_shared.auth import (
     Caller,
     LocalTokens,
     RemoteJwks,
+    Revocations,
     StaticKeys,
     TokenIssuer,
     TokenVerifier,
@@ -221,3 +222,57 @@ async def test_over_the_rate_limit_is_429_with_retry_after_as_an_operation_outco
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert r.json()["issue"][0]["code"] == "throttled"
         assert (await http.get("/thing", headers=theirs)).status_code == 200  # per client
+
+
+async def test_a_token_issued_before_its_clients_revocation_is_refused() -> None:
+    issuer = TokenIssuer(generate_key(), ISSUER, AUDIENCE)
+    now = int(time.time())
+    old = issuer.issue("gp", SCOPES, now=now - 10)
+    revoked_at = (now - 5) * 1000  # epoch ms: the client was deactivated 5 s ago
+    new = issuer.issue("gp", SCOPES)
+    listed: dict[str, int] = {"gp": revoked_at}
+
+    async def fetch() -> dict[str, int]:
+        return dict(listed)
+
+    verifier = TokenVerifier(
+        ISSUER, AUDIENCE, StaticKeys(issuer.key_set()), Revocations(fetch, refresh_seconds=0)
+    )
+    with _rejected("revoked"):
+        await verifier.verify(old)
+    assert (await verifier.verify(new)).client_id == "gp"
+    assert (await verifier.verify(issuer.issue("other", SCOPES))).client_id == "other"
+    listed.clear()  # e.g. the list as it was before the revocation: the old token passes
+    assert (await verifier.verify(old)).client_id == "gp"
+
+
+async def test_the_revocation_list_is_refetched_at_most_so_often_and_fails_closed() -> None:
+    answers: list[Any] = [ConnectionError("exchange down"), {"gp": 1}, ConnectionError("x")]
+    fetches = 0
+
+    async def fetch() -> dict[str, int]:
+        nonlocal fetches
+        fetches += 1
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    revocations = Revocations(fetch, refresh_seconds=0)
+    with pytest.raises(Unavailable):  # no list yet: no token can be checked
+        await revocations.not_before("gp")
+    assert await revocations.not_before("gp") == 1
+    assert await revocations.not_before("gp") == 1  # a failed refresh keeps the last list
+    revocations.refresh_seconds = 3600
+    assert await revocations.not_before("gp") == 1 and fetches == 3
+
+
+async def test_the_remote_revocation_list_is_the_exchanges_json() -> None:
+    def served(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"revoked": {"gp": 1764000000000}})
+
+    revocations = Revocations.remote(
+        "http://hdx.test/auth/revoked", transport=httpx.MockTransport(served)
+    )
+    assert await revocations.not_before("gp") == 1764000000000
+    assert await revocations.not_before("other") is None

@@ -292,6 +292,8 @@ def _evaluate(node: ast.expr, env: dict[str, ast.expr], topics: Topics, where: s
             return topics.group(_evaluate(node.args[0], env, topics, where))
         if _is_topics(node.func.value) and node.func.attr == "feed":
             return topics.feed("") + "*"  # every subscriber's feed
+        if _is_topics(node.func.value) and node.func.attr == "publisher_inbound":
+            return topics.publisher_inbound("") + "*"  # every publisher's own inbound topic
     raise UnknownKafkaUse(
         f"{where}: cannot tell which topic or group `{ast.unparse(node)}` is; write it as "
         "topics.<name>, topics.group(...) or topics.feed(...), or teach "
@@ -399,8 +401,22 @@ def _use_of_call(call: ast.Call, scope: _Scope, use: dict[str, set[str]]) -> Non
         use["writes"].add(scope.name(target))
     elif name in ("dead_letter", "dead_letter_for"):
         use["writes"].add(topics.deadletter)
+    elif name in ("security_alert_record", "create_service_app"):
+        # hdx_shared.security_audit's record goes to the audit topic; every service's HTTP
+        # app (hdx_shared.http) records the requests it refuses there.
+        use["writes"].add(topics.audit)
     elif name == "add_stage":
-        use["reads"].add(scope.name(_keyword(call, "topic")))
+        pattern = _keyword(call, "pattern")
+        if pattern is None:
+            use["reads"].add(scope.name(_keyword(call, "topic")))
+        elif (
+            isinstance(pattern, ast.Attribute)
+            and _is_topics(pattern.value)
+            and pattern.attr == "inbound_pattern"
+        ):
+            use["reads"] |= {topics.inbound, topics.publisher_inbound("") + "*"}
+        else:
+            raise UnknownKafkaUse(f"{where}: which topics does this pattern match?")
         use["groups"].add(scope.name(_keyword(call, "group_id")))
         use["writes"].add(topics.deadletter)  # poison messages (_isolate_poison)
     elif name == "subscriber" and isinstance(call.func, ast.Attribute):

@@ -258,9 +258,11 @@ def test_services_autoscalers_and_budgets(
         assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
         # A replica beyond the partitions of what it consumes would idle.
         # Consents are read in full by every replica; the anchors are read point-wise; the
-        # audit log is a side stage whose 3 partitions spread over the first replicas.
+        # audit log is a side stage whose 3 partitions spread over the first replicas; the
+        # ingress pattern also reads every publisher's topic, of as many partitions as
+        # hdx.inbound (the exchange creates them so), and several of them in one group.
         reads = service_kafka_use[svc].reads  # derived from the service's code
-        inputs = reads - {"hdx.consents", "hdx.audit", "hdx.audit.anchors"}
+        inputs = reads - {"hdx.consents", "hdx.audit", "hdx.audit.anchors", "hdx.inbound.*"}
         assert hpa["maxReplicas"] <= min(topics[t] for t in inputs), f"{target}: {svc}"
         pdb = pdbs[name]["spec"]
         assert all(labels.get(k) == v for k, v in pdb["selector"]["matchLabels"].items())

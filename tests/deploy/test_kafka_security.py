@@ -3,8 +3,8 @@
 allowed without an ACL), every HDX service logs in as its own user, and each principal's ACLs
 are exactly what its code uses — derived from the services' source (conftest.kafka_use), so
 that the code, deploy/kafka-acls.sh and the Strimzi KafkaUsers cannot drift apart. External
-clients are confined: the demo publisher writes hdx.inbound only, the demo subscriber reads
-its own feed only.
+clients are confined: the demo publisher writes its own hdx.inbound.st-marys only, the demo
+subscriber reads its own feed only.
 
 All static: deploy/kafka-acls.sh runs against stand-ins for the Kafka tools that record what
 it asks for; no broker is started (there is no Docker engine here).
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 HDX = ("patient-index", "consent", "exchange")
 PUBLISHER = "publisher-st-marys"
+OWN_INBOUND = "hdx.inbound.st-marys"  # its registered topic_name (deploy/demo/publishers.json)
 SUBSCRIBER = "subscriber-oakwood-care-home"
 FEED = "hdx.feed.oakwood-care-home"
 ADMIN_JOBS = ("topics", "kafka-acls")
@@ -416,10 +417,10 @@ def test_no_principal_gets_more_than_it_needs(
             assert name != "*", f"{who}: {op} on every {kind}"
             if name.endswith("*"):
                 assert (kind, name, op) == ("topic", "hdx.*", "Describe") or (
-                    name == "hdx.feed.*" and who.endswith("hdx-exchange")
+                    name in ("hdx.feed.*", "hdx.inbound.*") and who.endswith("hdx-exchange")
                 ), f"{who}: {op} on every {kind} named {name}"
             if op == "Create":
-                assert (kind, name) == ("topic", "hdx.feed.*"), who
+                assert (kind, name) in (("topic", "hdx.feed.*"), ("topic", "hdx.inbound.*")), who
             if kind == "cluster":
                 assert op == "IdempotentWrite" and any(o == "Write" for *_, o in acls), who
 
@@ -427,20 +428,22 @@ def test_no_principal_gets_more_than_it_needs(
 # ------------------------------------------------------------------ external clients
 
 
-def test_the_publisher_writes_inbound_and_nothing_else(compose_acls: Any) -> None:
+def test_the_publisher_writes_its_own_topic_and_nothing_else(compose_acls: Any) -> None:
     acls = compose_acls.acls[PUBLISHER]
     assert acls == {
-        ("topic", "hdx.inbound", "Write"),
-        ("topic", "hdx.inbound", "Describe"),
+        ("topic", OWN_INBOUND, "Write"),
+        ("topic", OWN_INBOUND, "Describe"),
         ("cluster", "kafka-cluster", "IdempotentWrite"),
     }
     topics = Topics("hdx.")
-    assert allowed(acls, "topic", topics.inbound, "Write")
-    assert not allowed(acls, "topic", topics.inbound, "Read")
+    assert allowed(acls, "topic", OWN_INBOUND, "Write")
+    assert not allowed(acls, "topic", OWN_INBOUND, "Read")
+    # Not the shared inbound topic (where a writer may claim any source), nor another's.
+    for other in (topics.inbound, topics.publisher_inbound("riverside"), OWN_INBOUND + "-2"):
+        assert not allowed(acls, "topic", other, "Write"), other
     for spec in topics.core():
-        if spec.name != topics.inbound:
-            for op in ("Read", "Write", "Describe"):
-                assert not allowed(acls, "topic", spec.name, op), (spec.name, op)
+        for op in ("Read", "Write", "Describe"):
+            assert not allowed(acls, "topic", spec.name, op), (spec.name, op)
     assert not allowed(acls, "topic", FEED, "Read")
     assert not allowed(acls, "topic", "hdx.feed.new", "Create")
 
@@ -472,26 +475,34 @@ def test_a_feed_is_read_by_its_subscriber_only(compose_acls: Any) -> None:
     assert readers == {SUBSCRIBER}
     writers = {p for p, acls in compose_acls.acls.items() if allowed(acls, "topic", FEED, "Write")}
     assert writers == {"hdx-exchange"}
-    # Only external publishers write what HDX takes in; no service does.
-    inbound = Topics("hdx.").inbound
-    writers = {
-        p for p, acls in compose_acls.acls.items() if allowed(acls, "topic", inbound, "Write")
-    }
-    assert PUBLISHER in writers and not any(w.startswith("hdx-") for w in writers)
+
+    # What HDX takes in on a publisher's topic is written by that publisher alone, and nobody
+    # writes the shared hdx.inbound, where a writer could claim any source.
+    def writers(topic: str) -> set[str]:
+        return {
+            p for p, acls in compose_acls.acls.items() if allowed(acls, "topic", topic, "Write")
+        }
+
+    assert writers(OWN_INBOUND) == {PUBLISHER}
+    assert writers(Topics("hdx.").inbound) == set()
 
 
 def client_kind(name: str, acls: set[Acl]) -> str:
-    """ "publisher" (writes hdx.inbound, nothing else) or "subscriber" (reads one feed, named
-    literally, in its own group, nothing else); an AssertionError for anything else."""
-    inbound = Topics("hdx.").inbound
-    publisher = {
-        ("topic", inbound, "Write"),
-        ("topic", inbound, "Describe"),
-        ("cluster", "kafka-cluster", "IdempotentWrite"),
-    }
-    if acls and acls <= publisher and ("topic", inbound, "Write") in acls:
+    """ "publisher" (writes one publisher topic hdx.inbound.<name>, named literally, nothing
+    else) or "subscriber" (reads one feed, named literally, in its own group, nothing else);
+    an AssertionError for anything else."""
+    topic_names = {n for k, n, _ in acls if k == "topic"}
+    if any(op == "Write" for k, _, op in acls if k == "topic"):
+        assert len(topic_names) == 1, f"{name}: writes more than one topic: {sorted(acls)}"
+        (own,) = topic_names
+        assert Topics("hdx.").publisher_topic_name(own), f"{name}: {own} is no publisher topic"
+        assert acls <= {
+            ("topic", own, "Write"),
+            ("topic", own, "Describe"),
+            ("cluster", "kafka-cluster", "IdempotentWrite"),
+        }, f"{name}: a publisher writes its own topic, nothing else: {sorted(acls)}"
         return "publisher"
-    feeds = {n for k, n, _ in acls if k == "topic"}
+    feeds = topic_names
     assert len(feeds) == 1, f"{name}: neither a publisher nor a subscriber: {sorted(acls)}"
     (feed,) = feeds
     assert re.fullmatch(r"hdx\.feed\.[a-z0-9][a-z0-9.-]*", feed), f"{name}: {feed}"
@@ -517,6 +528,8 @@ def test_every_external_client_is_a_publisher_or_a_subscriber(
     assert kinds[PUBLISHER] == "publisher" and kinds[SUBSCRIBER] == "subscriber"
     with pytest.raises(AssertionError):  # the check can fail: a prefix opens every feed
         client_kind("greedy", {("topic", "hdx.feed.*", "Read"), ("group", "greedy", "Read")})
+    with pytest.raises(AssertionError):  # ... and the shared inbound topic any source
+        client_kind("forger", {("topic", "hdx.inbound", "Write")})
 
 
 def test_the_docs_table_is_what_the_code_uses(service_kafka_use: dict[str, Any]) -> None:
@@ -533,7 +546,7 @@ def test_the_docs_table_is_what_the_code_uses(service_kafka_use: dict[str, Any])
     for svc in HDX:
         use = service_kafka_use[svc]
         assert rows[f"hdx-{svc}"] == [set(use.reads), set(use.writes), set(use.groups)], svc
-    assert rows[PUBLISHER] == [set(), {"hdx.inbound"}, set()]
+    assert rows[PUBLISHER] == [set(), {OWN_INBOUND}, set()]
     assert rows[SUBSCRIBER] == [{FEED}, set(), {SUBSCRIBER}]
 
 

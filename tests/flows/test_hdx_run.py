@@ -93,6 +93,8 @@ def test_hdx_run_starts_seeds_delivers_and_stops_cleanly(tmp_path: Path) -> None
                 str(examples / "observation-ada.json"),
                 "--source",
                 "urn:hdx:org:st-marys",
+                "--topic",  # St Mary's own topic, as README.md says
+                "hdx.inbound.st-marys",
                 "--bootstrap",
                 bootstrap,
             ],

@@ -4,6 +4,7 @@ as an integrator gets them (a signed client assertion)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -13,7 +14,9 @@ import pytest
 from hdx_shared.devstack import LocalStack
 from hdx_shared.embedded_broker import BrokerEndpoint as Broker
 from tests.support import (
+    Publisher,
     TopicReader,
+    api,
     nhs_number,
     observation,
     patient,
@@ -62,8 +65,131 @@ def test_a_publisher_publishing_as_another_source_is_refused_and_audited(
         audit.close()
     event = alert.json()
     assert event["resourceType"] == "AuditEvent" and event["outcome"] == "8"
-    assert [e["what"]["identifier"]["value"] for e in event["entity"]] == [theirs, mine]
+    assert [
+        e["what"]["identifier"]["value"] for e in event["entity"] if "identifier" in e["what"]
+    ] == [theirs, mine]
     assert b"Zebedeeson" not in alert.value, "no patient data in a security alert"
+
+
+def test_a_kafka_publisher_is_bound_to_the_source_of_its_own_topic(
+    stack: LocalStack, kafka: Broker
+) -> None:
+    """What arrives on hdx.inbound.<name> is that publisher's: without ce_source it is taken
+    as its own; claiming another source is dead-lettered and audited; a topic no publisher
+    is registered for is refused. (The Kafka ACL granting Write on that topic alone is what
+    makes this binding: deploy/kafka-acls.sh, tests/deploy.)"""
+    tag = _tag()
+    mine, theirs = f"urn:hdx:org:kafka-own-{tag}", f"urn:hdx:org:kafka-other-{tag}"
+    registered = register_publisher(stack.url("exchange"), mine, topic_name=f"own-{tag}")
+    register_publisher(stack.url("exchange"), theirs)
+    topic = registered["inbound_topic"]
+    assert topic == f"hdx.inbound.own-{tag}"
+    unregistered = f"hdx.inbound.nobody-{tag}"
+
+    readers = {
+        name: TopicReader(kafka.bootstrap_servers, [name])
+        for name in ("hdx.validated", "hdx.deadletter", "hdx.audit")
+    }
+    producer = Publisher(kafka.bootstrap_servers, idempotence=kafka.idempotence)
+    try:
+        producer.publish(mine, patient(f"own-{tag}", nhs_number()), topic=topic, send_source=False)
+        forged = producer.publish(
+            theirs, patient(f"forged-{tag}", nhs_number(), family="Zebedeeson"), topic=topic
+        )
+        stray = producer.publish(mine, patient(f"stray-{tag}", nhs_number()), topic=unregistered)
+
+        accepted = readers["hdx.validated"].wait_for(
+            lambda rec: f'"own-{tag}"'.encode() in rec.value,
+            timeout=90,
+            what="the message on the publisher's own topic, validated",
+        )
+        refused = readers["hdx.deadletter"].wait_for(
+            lambda rec: rec.headers.get("ce_id") == forged,
+            timeout=60,
+            what="the forged message dead-lettered",
+        )
+        alert = readers["hdx.audit"].wait_for(
+            lambda rec: b"publish-as-other-source" in rec.value and topic.encode() in rec.value,
+            timeout=60,
+            what="the security alert for the forged source",
+        )
+        nobody = readers["hdx.deadletter"].wait_for(
+            lambda rec: rec.headers.get("ce_id") == stray,
+            timeout=90,
+            what="the message on an unregistered publisher topic dead-lettered",
+        )
+        validated_ids = {
+            r.headers.get("ce_source") for r in readers["hdx.validated"].matching(lambda r: True)
+        }
+    finally:
+        for reader in readers.values():
+            reader.close()
+    assert accepted.headers["ce_source"] == mine, "the source comes from the topic"
+    assert refused.headers["hdx_reason"] == "source-not-bound"
+    assert nobody.headers["hdx_reason"] == "unknown-publisher-topic"
+    assert theirs not in validated_ids, "nothing claimed as another source got through"
+    event = alert.json()
+    assert event["outcome"] == "8"
+    assert event["agent"][0]["who"]["identifier"]["value"] == topic
+    assert [
+        e["what"]["identifier"]["value"] for e in event["entity"] if "identifier" in e["what"]
+    ] == [theirs, mine]
+    assert b"Zebedeeson" not in alert.value, "no patient data in a security alert"
+
+
+def test_every_service_audits_what_it_refuses(stack: LocalStack, kafka: Broker) -> None:
+    """A request without a token, to each service, is a security alert on hdx.audit that
+    names the service that refused it (and, chained by the exchange, is in the audit log)."""
+    tag = _tag()
+    audit = TopicReader(kafka.bootstrap_servers, ["hdx.audit"])
+    paths = {
+        "exchange": f"/fhir/Subscription?marker={tag}",
+        "consent": "/fhir/Consent",
+        "patient-index": "/fhir/Patient",
+    }
+    try:
+        for service, path in paths.items():
+            r = httpx.get(stack.url(service) + path, timeout=10)
+            assert r.status_code == 401, (service, r.text)
+        for service, path in paths.items():
+            audit.wait_for(
+                lambda rec, service=service, path=path: (
+                    b"unauthenticated" in rec.value
+                    and f'"value":"{service}"'.encode() in rec.value
+                    and f"GET {path.split('?')[0]}".encode() in rec.value
+                ),
+                timeout=60,
+                what=f"the security alert of {service}",
+            )
+    finally:
+        audit.close()
+
+
+def test_a_deactivated_clients_token_is_refused_by_every_service(stack: LocalStack) -> None:
+    """Revocation reaches the services that check tokens on their own (consent, the patient
+    index) within HDX_AUTH_REVOCATION_REFRESH_SECONDS, not at the token's expiry."""
+    tag = _tag()
+    client = register_client(stack, f"sec-revoked-{tag}", "system/Consent.rs system/Patient.rs")
+    held = client.headers()
+    reads = {
+        "consent": "/fhir/Consent?patient=Patient/nobody",
+        "patient-index": "/fhir/Patient?identifier=urn:nobody|0",
+    }
+    for service, path in reads.items():
+        r = httpx.get(stack.url(service) + path, headers=held, timeout=10)
+        assert r.status_code == 200, (service, r.text)
+    r = api(stack).delete(f"{stack.url('exchange')}/admin/clients/sec-revoked-{tag}")
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 30
+    refused: dict[str, str] = {}
+    while len(refused) < len(reads) and time.monotonic() < deadline:
+        for service, path in reads.items():
+            r = httpx.get(stack.url(service) + path, headers=held, timeout=10)
+            if r.status_code == 401:
+                refused[service] = r.json()["issue"][0]["diagnostics"]
+        time.sleep(0.2)
+    assert set(refused) == set(reads), f"still accepted by {set(reads) - set(refused)}"
+    assert all("revoked" in why for why in refused.values()), refused
 
 
 def test_a_subscriber_reads_only_its_own_subscriptions_and_events(stack: LocalStack) -> None:

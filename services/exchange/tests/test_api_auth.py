@@ -12,6 +12,7 @@ import orjson
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from limits import parse_many
 
 from hdx_exchange.api import build_routers
 from hdx_exchange.audit_log import AuditLog
@@ -26,6 +27,7 @@ from hdx_shared.auth import (
     ADMIN_SCOPE,
     Authenticator,
     Key,
+    Revocations,
     StaticKeys,
     TokenIssuer,
     clients_file_entry,
@@ -34,7 +36,7 @@ from hdx_shared.auth import (
 )
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import FHIR_JSON, Limits, validate_resource
-from hdx_shared.http import FhirResponse, install_fhir_errors
+from hdx_shared.http import FhirResponse, SecurityAlerts, install_fhir_errors
 from hdx_shared.messaging import Outgoing
 from hdx_shared.topics import Topics
 
@@ -50,9 +52,13 @@ ADA = {
 
 
 class Exchange:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
         self.settings = ExchangeSettings(
-            environment="test", data_dir=tmp_path, auth_issuer=BASE, public_base_url=BASE
+            environment="test",
+            data_dir=tmp_path,
+            auth_issuer=BASE,
+            public_base_url=BASE,
+            **settings,
         )
         self.store = ExchangeStore(make_engine(self.settings))
         self.store.create_schema()
@@ -70,8 +76,16 @@ class Exchange:
             self.sent.extend(out)
 
         app = FastAPI(default_response_class=FhirResponse)
-        install_fhir_errors(app)
-        app.state.hdx_auth = Authenticator.from_settings(self.settings, StaticKeys(keys))
+        alerts = SecurityAlerts(self.settings, TOPICS, publish, parse_many("30/minute"))
+        app.state.hdx_security_alerts = alerts
+        install_fhir_errors(app, on_refused=alerts.refused)
+
+        async def revoked() -> dict[str, int]:
+            return self.store.revoked_tokens()
+
+        app.state.hdx_auth = Authenticator.from_settings(
+            self.settings, StaticKeys(keys), Revocations(revoked, refresh_seconds=0)
+        )
         audit = AuditLog(self.store, TOPICS, self.settings)
         for router in (
             *auth_routers(server, self.settings, keys),
@@ -149,6 +163,46 @@ def test_the_open_endpoints(ex: Exchange) -> None:
     assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
 
 
+def test_refused_token_requests_are_audited(ex: Exchange) -> None:
+    stranger = token_request("stranger", generate_key(), ex.settings.token_url, None)
+    r = ex.http.post("/auth/token", data=stranger)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
+    [alert] = ex.sent
+    event = orjson.loads(alert.value)
+    assert alert.topic == TOPICS.audit and event["type"]["code"] == "110113"
+    assert event["subtype"][0]["code"] == "token-refused"
+    assert "client stranger is not registered" in event["outcomeDesc"]
+    assert "identifier" not in event["agent"][0]["who"], "an unproven client id is no agent"
+    validate_resource(event)
+    ex.sent.clear()
+    ex.token("st-marys")  # a granted token is no alert
+    assert ex.sent == []
+
+
+def test_token_requests_are_rate_limited_per_address(tmp_path: Path) -> None:
+    ex = Exchange(tmp_path, auth_token_rate_limit="3/minute")
+    ex.register("st-marys", "system/Patient.cud", source=ST_MARYS)
+    for _ in range(3):
+        ex.token("st-marys")
+    form = token_request("st-marys", ex.keys["st-marys"], ex.settings.token_url, None)
+    r = ex.http.post("/auth/token", data=form)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "too many token requests" in r.json()["error_description"]
+    ex.store.engine.dispose()
+
+
+def test_every_refused_request_is_audited_with_its_client(ex: Exchange) -> None:
+    r = ex.http.get("/admin/publishers")
+    assert r.status_code == 401
+    r = ex.http.get("/admin/publishers", headers=ex.token("st-marys"))
+    assert r.status_code == 403
+    events = [orjson.loads(o.value) for o in ex.sent]
+    assert [e["subtype"][0]["code"] for e in events] == ["unauthenticated", "forbidden"]
+    assert "identifier" not in events[0]["agent"][0]["who"]
+    assert events[1]["agent"][0]["who"]["identifier"]["value"] == "st-marys"
+    assert events[1]["entity"][-1]["what"]["display"] == "GET /admin/publishers"
+
+
 @pytest.mark.parametrize(
     ("method", "path", "scope"),
     [
@@ -212,7 +266,9 @@ def test_a_publisher_publishes_as_itself_only_and_the_attempt_is_audited(ex: Exc
     assert event["resourceType"] == "AuditEvent" and event["outcome"] == "8"
     assert event["type"]["code"] == "110113"
     assert event["agent"][0]["who"]["identifier"]["value"] == "st-marys"
-    claimed = [e["what"]["identifier"]["value"] for e in event["entity"]]
+    claimed = [
+        e["what"]["identifier"]["value"] for e in event["entity"] if "identifier" in e["what"]
+    ]
     assert claimed == [RIVERSIDE, ST_MARYS]
     assert b"Lovelace" not in alert.value and b"sm-1" not in alert.value  # no patient data
     validate_resource(event)  # valid FHIR R4
@@ -288,3 +344,36 @@ def test_the_audit_trail_needs_its_scope(ex: Exchange) -> None:
         "/fhir/AuditEvent", params={"patient": "Patient/p1"}, headers=ex.token("auditor")
     )
     assert r.status_code == 200 and r.json()["total"] == 0
+
+
+def test_deactivating_a_client_or_replacing_its_keys_revokes_its_tokens(ex: Exchange) -> None:
+    admin = ex.token("admin")
+    held = ex.token("oakwood")
+    assert ex.http.get("/fhir/Subscription", headers=held).status_code == 200
+    r = ex.http.delete("/admin/clients/oakwood", headers=admin)
+    assert r.status_code == 200
+    r = ex.http.get("/fhir/Subscription", headers=held)
+    assert r.status_code == 401 and "revoked" in outcome(r)["diagnostics"]
+    assert "oakwood" in ex.http.get("/auth/revoked").json()["revoked"]
+
+    # Reactivated: the token it held stays void; a new one works.
+    entry = clients_file_entry(
+        "oakwood", ex.keys["oakwood"], "system/Subscription.crus", subscriber="Organization/oakwood"
+    )
+    assert ex.http.put("/admin/clients/oakwood", json=entry, headers=admin).status_code == 200
+    assert ex.http.get("/fhir/Subscription", headers=held).status_code == 401
+    fresh = ex.token("oakwood")
+    assert ex.http.get("/fhir/Subscription", headers=fresh).status_code == 200
+
+    # New keys (the old private key may be in the wrong hands): every token so far is void.
+    ex.keys["oakwood"] = generate_key()
+    entry = clients_file_entry(
+        "oakwood", ex.keys["oakwood"], "system/Subscription.crus", subscriber="Organization/oakwood"
+    )
+    assert ex.http.put("/admin/clients/oakwood", json=entry, headers=admin).status_code == 200
+    assert ex.http.get("/fhir/Subscription", headers=fresh).status_code == 401
+    assert ex.http.get("/fhir/Subscription", headers=ex.token("oakwood")).status_code == 200
+    # An update that changes neither keys nor activity revokes nothing.
+    kept = ex.token("oakwood")
+    assert ex.http.put("/admin/clients/oakwood", json=entry, headers=admin).status_code == 200
+    assert ex.http.get("/fhir/Subscription", headers=kept).status_code == 200

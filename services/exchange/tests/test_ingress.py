@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from hdx_exchange.domain.ingress import Publisher, accept_message
+from hdx_exchange.domain.ingress import Publisher, accept_message, bind_to_topic, topic_name_for
 from hdx_shared.envelope import ChangeType, Envelope
 from hdx_shared.fhir import FhirError, Limits
 
@@ -126,3 +126,27 @@ def test_a_publisher_cannot_set_hdx_headers() -> None:
     assert out.envelope.person is None
     assert not any(k in headers for k in ("hdx_person", "hdx_permitted", "hdx_identity"))
     assert "traceparent" in headers
+
+
+def test_a_source_gets_a_topic_name_made_of_its_letters_and_digits() -> None:
+    assert topic_name_for("urn:hdx:source:st-marys") == "urn-hdx-source-st-marys"
+    assert topic_name_for("https://gp.example/fhir/") == "https-gp-example-fhir"
+    assert Publisher("urn:a", "A", "urn:a/id").topic_name == "urn-a"
+    assert Publisher("urn:a", "A", "urn:a/id", topic_name="a-hospital").topic_name == "a-hospital"
+
+
+def test_a_message_on_a_publishers_topic_is_bound_to_its_source() -> None:
+    owner = Publisher("urn:a", "A", "urn:a/id", topic_name="a")
+    unnamed = Envelope("e1", "", ChangeType.UPDATE)
+    assert bind_to_topic(unnamed, owner, "hdx.inbound.a").source == "urn:a"
+    named = Envelope("e2", "urn:a", ChangeType.UPDATE)
+    assert bind_to_topic(named, owner, "hdx.inbound.a") == named
+    with pytest.raises(FhirError) as refused:
+        bind_to_topic(Envelope("e3", "urn:b", ChangeType.UPDATE), owner, "hdx.inbound.a")
+    assert refused.value.reason == "source-not-bound" and refused.value.http_status == 403
+    with pytest.raises(FhirError) as unknown:
+        bind_to_topic(named, None, "hdx.inbound.nobody")
+    assert unknown.value.reason == "unknown-publisher-topic"
+    inactive = Publisher("urn:a", "A", "urn:a/id", active=False, topic_name="a")
+    with pytest.raises(FhirError):
+        bind_to_topic(named, inactive, "hdx.inbound.a")

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from hdx_exchange.domain.ingress import Publisher
 from hdx_exchange.models import SubscriptionRow
-from hdx_exchange.store import ExchangeStore, Numbering
+from hdx_exchange.store import ExchangeStore, Numbering, TopicTaken
 from hdx_shared.db import make_engine
 from hdx_shared.settings import HdxSettings
 
@@ -98,3 +99,15 @@ def test_the_audit_log_appends_once_per_audit_event_and_chains(st: ExchangeStore
     assert [r.audit_id for r in records] == ["a1", "a2", "a3"]
     assert verify_chain(records, again) == []
     assert st.audit_for_patient("P1") == [b"{3}", b"{1}"]
+
+
+def test_two_publishers_cannot_share_an_inbound_topic(st: ExchangeStore) -> None:
+    st.put_publisher(Publisher("urn:a", "A", "urn:a/id", topic_name="shared"))
+    st.put_publisher(Publisher("urn:a", "A again", "urn:a/id", topic_name="shared"))  # update
+    with pytest.raises(TopicTaken):
+        st.put_publisher(Publisher("urn:b", "B", "urn:b/id", topic_name="shared"))
+    # A derived name counts too: urn:c's default is "urn-c".
+    st.put_publisher(Publisher("urn:c", "C", "urn:c/id"))
+    with pytest.raises(TopicTaken):
+        st.put_publisher(Publisher("urn:d", "D", "urn:d/id", topic_name="urn-c"))
+    assert st.publishers()["urn:a"].topic_name == "shared"

@@ -61,6 +61,9 @@ IDENTITY_SCOPE = "system/hdx-identity"  # the patient index's review tasks and o
 # Token claims for what a client is bound to.
 SOURCE_CLAIM = "hdx_source"  # the publisher source (ce_source) it publishes as
 SUBSCRIBER_CLAIM = "hdx_subscriber"  # the organization it subscribes for
+# When the token was issued, in epoch milliseconds: `iat` is whole seconds, too coarse to
+# tell a token issued just before a revocation from one issued just after.
+ISSUED_MS_CLAIM = "hdx_issued_ms"
 
 Key = ECKey | RSAKey
 
@@ -214,7 +217,8 @@ class TokenIssuer:
         subscriber: str | None = None,
         now: int | None = None,
     ) -> str:
-        now = int(time.time()) if now is None else now
+        issued_ms = time.time_ns() // 1_000_000 if now is None else now * 1000
+        now = issued_ms // 1000
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": client_id,
@@ -224,6 +228,7 @@ class TokenIssuer:
             "exp": now + self.lifetime_seconds,
             "jti": str(uuid.uuid4()),
             "scope": str(scopes),
+            ISSUED_MS_CLAIM: issued_ms,
         }
         if source:
             claims[SOURCE_CLAIM] = source
@@ -293,11 +298,68 @@ def _has_kid(keys: KeySet, kid: str | None) -> bool:
     return any(k.kid == kid for k in keys.keys)
 
 
+# ---- revoked tokens ---------------------------------------------------------------------
+
+
+RevocationList = dict[str, int]  # client id → tokens issued before this (epoch ms) are void
+
+
+@dataclass
+class Revocations:
+    """Which clients' tokens were revoked, and from when: the exchange voids every token of a
+    client issued before it was deactivated or its keys were replaced
+    (`ClientRow.tokens_not_before`). Fetched at most every `refresh_seconds`, on the first
+    request after; a failed refresh keeps the last list (tokens live 5 minutes at most), and
+    no list at all fails closed (503), as the keys do."""
+
+    fetch: Callable[[], Awaitable[RevocationList]]
+    refresh_seconds: float = 5.0
+    _revoked: RevocationList | None = None
+    _fetched_at: float = float("-inf")
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def remote(
+        cls,
+        url: str,
+        refresh_seconds: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> Revocations:
+        """The exchange's `GET /auth/revoked`."""
+
+        async def fetch() -> RevocationList:
+            async with httpx.AsyncClient(timeout=5.0, transport=transport) as http:
+                r = await http.get(url)
+                r.raise_for_status()
+                revoked = r.json()["revoked"]
+                return {str(k): int(v) for k, v in revoked.items()}
+
+        return cls(fetch, refresh_seconds)
+
+    async def not_before(self, client_id: str) -> int | None:
+        if time.monotonic() - self._fetched_at >= self.refresh_seconds:
+            async with self._lock:
+                if time.monotonic() - self._fetched_at >= self.refresh_seconds:
+                    await self._refresh()
+        assert self._revoked is not None
+        return self._revoked.get(client_id)
+
+    async def _refresh(self) -> None:
+        self._fetched_at = time.monotonic()
+        try:
+            self._revoked = await self.fetch()
+        except Exception as exc:
+            if self._revoked is None:
+                raise Unavailable(f"the list of revoked tokens: {exc}") from exc
+            log.warning("could not refresh the list of revoked tokens: %s", exc)
+
+
 @dataclass
 class TokenVerifier:
     issuer: str
     audience: str
     keys: KeySource
+    revocations: Revocations | None = None
 
     async def verify(self, token: str) -> Caller:
         """The caller a valid access token names; 401 (FhirError) for anything else."""
@@ -314,11 +376,19 @@ class TokenVerifier:
                 aud={"essential": True, "value": self.audience},
                 sub={"essential": True},
                 exp={"essential": True},
+                iat={"essential": True},
                 scope={"essential": True},
             ).validate(decoded.claims)
         except JoseError as exc:
             raise unauthenticated(f"the access token is not valid ({exc.error})") from None
         claims = decoded.claims
+        if self.revocations is not None:
+            not_before = await self.revocations.not_before(str(claims["sub"]))
+            issued_ms = claims.get(ISSUED_MS_CLAIM)
+            if not isinstance(issued_ms, int):
+                issued_ms = claims["iat"] * 1000 if isinstance(claims["iat"], int) else 0
+            if not_before is not None and issued_ms < not_before:
+                raise unauthenticated("the access token was revoked")
         try:
             scopes = ScopeSet.parse(str(claims["scope"]))
         except ScopeError:
@@ -351,7 +421,12 @@ class Authenticator:
     )
 
     @classmethod
-    def from_settings(cls, settings: HdxSettings, keys: KeySource | None = None) -> Authenticator:
+    def from_settings(
+        cls,
+        settings: HdxSettings,
+        keys: KeySource | None = None,
+        revocations: Revocations | None = None,
+    ) -> Authenticator:
         limits = parse_many(settings.auth_rate_limit)
         if not settings.auth_enabled:
             # settings refuse this outside development; say it where nobody can miss it.
@@ -362,7 +437,11 @@ class Authenticator:
             )
             return cls(None, limits)
         source = keys or RemoteJwks(settings.jwks_url, settings.auth_jwks_refresh_seconds)
-        return cls(TokenVerifier(settings.auth_issuer, settings.auth_audience, source), limits)
+        revoked = revocations or Revocations.remote(
+            settings.revocations_url, settings.auth_revocation_refresh_seconds
+        )
+        verifier = TokenVerifier(settings.auth_issuer, settings.auth_audience, source, revoked)
+        return cls(verifier, limits)
 
     async def authenticate(self, token: str | None) -> Caller:
         if self.verifier is None:
@@ -406,7 +485,9 @@ async def authenticated(
     auth: Authenticator | None = getattr(request.app.state, "hdx_auth", None)
     if auth is None:
         raise RuntimeError("no Authenticator installed on this app (install_auth)")
-    return await auth.authenticate(credentials.credentials if credentials else None)
+    caller = await auth.authenticate(credentials.credentials if credentials else None)
+    request.state.hdx_caller = caller  # who a later refusal (403) is recorded against
+    return caller
 
 
 AuthenticatedCaller = Annotated[Caller, Depends(authenticated)]

@@ -184,7 +184,10 @@ def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
     table.add_row("Kafka broker (embedded Tansu, plaintext, memory only)", stack.bootstrap)
     for name, proc in stack.services.items():
         table.add_row(f"{name} (HTTP, /docs for the API)", proc.url)
-    table.add_row("publish to", topics.inbound)
+    table.add_row(
+        "publish to",
+        f"{topics.publisher_inbound('<topic_name>')} (each publisher's own), {topics.inbound}",
+    )
     table.add_row(
         "internal",
         ", ".join(
@@ -209,8 +212,10 @@ def _print_stack(stack: LocalStack, *, seeded: bool) -> None:
     admin_key = stack.client_key_path(ADMIN_CLIENT)
     console.print(
         "Try:\n"
-        f"  hdx publish {examples / 'patient-ada.json'} --source urn:hdx:org:st-marys\n"
-        f"  hdx publish {examples / 'observation-ada.json'} --source urn:hdx:org:st-marys\n"
+        f"  hdx publish {examples / 'patient-ada.json'} --source urn:hdx:org:st-marys"
+        f" --topic {topics.publisher_inbound('st-marys')}\n"
+        f"  hdx publish {examples / 'observation-ada.json'} --source urn:hdx:org:st-marys"
+        f" --topic {topics.publisher_inbound('st-marys')}\n"
         f"  hdx tail {topics.feed('oakwood-care-home')}\n"
         "Every HTTP API needs an access token (5 minutes; docs/security.md). The admin's:\n"
         f"  TOKEN=$(hdx token --client-id {ADMIN_CLIENT} --key {admin_key}"
@@ -256,7 +261,10 @@ def publish(
     source: Annotated[str, typer.Option(help="your publisher id (ce_source)")],
     change: Annotated[str, typer.Option("--type", help="create, update or delete")] = "update",
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers")] = None,
-    topic: Annotated[str | None, typer.Option(help="default: the inbound topic")] = None,
+    topic: Annotated[
+        str | None,
+        typer.Option(help="your own topic, hdx.inbound.<topic_name>; default: hdx.inbound"),
+    ] = None,
 ) -> None:
     """Publish FHIR files to HDX's inbound topic, as a hospital system would. The Kafka login
     (HDX_KAFKA_SECURITY_PROTOCOL, _USERNAME, _PASSWORD…) comes from the environment."""

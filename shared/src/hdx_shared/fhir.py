@@ -54,6 +54,10 @@ def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:
 class FhirError(Exception):
     """Input HDX will not accept. `reason` is a short code for dead letters and metrics."""
 
+    # A refusal (401/403) already recorded as a security alert where it was raised, with
+    # more than the HTTP layer knows; hdx_shared.http records the others.
+    audited: bool = False
+
     def __init__(
         self,
         reason: str,

@@ -17,19 +17,25 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from faststream.kafka import KafkaBroker
-from prometheus_client import make_asgi_app
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from prometheus_client import Counter, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hdx_shared.auth import Authenticator, install_auth
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
 from hdx_shared.messaging import (
+    Outgoing,
     StageHealth,
     Unavailable,
     ensure_topics,
     keep_topics,
+    publish_all,
     start_broker,
 )
+from hdx_shared.security_audit import security_alert, security_alert_record
 from hdx_shared.settings import HdxSettings
 from hdx_shared.telemetry import instrument_app
 from hdx_shared.topics import Topics
@@ -50,11 +56,17 @@ def outcome_response(status: int, issues: Sequence[Issue]) -> FhirResponse:
     return FhirResponse(operation_outcome(issues), status_code=status)
 
 
-def install_fhir_errors(app: FastAPI) -> None:
-    """Every error an HDX API returns is a FHIR OperationOutcome."""
+RefusalHook = Callable[[Request, FhirError], Awaitable[None]]
+
+
+def install_fhir_errors(app: FastAPI, on_refused: RefusalHook | None = None) -> None:
+    """Every error an HDX API returns is a FHIR OperationOutcome; a 401 or 403 is also handed
+    to `on_refused` (SecurityAlerts.refused records it) before it is answered."""
 
     @app.exception_handler(FhirError)
-    async def _fhir_error(_req: Request, exc: FhirError) -> Response:
+    async def _fhir_error(req: Request, exc: FhirError) -> Response:
+        if on_refused is not None and exc.http_status in (401, 403) and not exc.audited:
+            await on_refused(req, exc)
         return FhirResponse(exc.outcome(), status_code=exc.http_status, headers=exc.headers)
 
     @app.exception_handler(Unavailable)
@@ -88,6 +100,61 @@ def install_fhir_errors(app: FastAPI) -> None:
         return outcome_response(
             500, [Issue(f"internal error: {type(exc).__name__}", code="exception")]
         )
+
+
+SECURITY_ALERTS_SUPPRESSED = Counter(
+    "hdx_security_alerts_suppressed_total",
+    "Refused requests not written as security alerts: over HDX_AUTH_ALERT_LIMIT",
+    ["kind"],
+)
+
+
+@dataclass
+class SecurityAlerts:
+    """Writes a security-alert AuditEvent (hdx_shared.security_audit) to the audit topic for
+    each request a service refuses: no valid token, a token that does not allow it, a
+    refused token request. At most `limits` per caller and kind, so a flood of bad requests
+    is counted, not written; a broker that does not take the alert within 5 s is logged,
+    and the refusal is answered anyway."""
+
+    settings: HdxSettings
+    topics: Topics
+    publish: Callable[[Sequence[Outgoing]], Awaitable[None]]
+    limits: list[RateLimitItem]
+    _limiter: MovingWindowRateLimiter = field(
+        default_factory=lambda: MovingWindowRateLimiter(MemoryStorage())
+    )
+
+    async def refused(self, request: Request, error: FhirError) -> None:
+        caller = getattr(request.state, "hdx_caller", None)
+        await self.record(
+            request,
+            "unauthenticated" if error.http_status == 401 else "forbidden",
+            "; ".join(i.diagnostics for i in error.issues),
+            client_id=getattr(caller, "client_id", None),
+        )
+
+    async def record(
+        self, request: Request, kind: str, description: str, client_id: str | None
+    ) -> None:
+        address = request.client.host if request.client else None
+        agent = client_id or address or "?"
+        if not all(self._limiter.hit(item, kind, agent) for item in self.limits):
+            SECURITY_ALERTS_SUPPRESSED.labels(kind).inc()
+            return
+        alert = security_alert(
+            what=kind,
+            description=description,
+            observer=self.settings.service_name,
+            client_id=client_id,
+            client_address=address,
+            request=f"{request.method} {request.url.path}",
+        )
+        try:
+            record = security_alert_record(self.topics, alert)
+            await asyncio.wait_for(self.publish([record]), 5)
+        except Exception as exc:  # the refusal stands; the missing alert is logged
+            log.warning("security alert %s for %s not recorded: %s", kind, agent, exc)
 
 
 ReadinessCheck = Callable[[], str | None]
@@ -248,7 +315,15 @@ def create_service_app(
             log.info("%s stopped", runtime.settings.service_name)
 
     app = FastAPI(title=title, lifespan=lifespan, default_response_class=FhirResponse)
-    install_fhir_errors(app)
+
+    async def publish(records: Sequence[Outgoing]) -> None:
+        await publish_all(runtime.broker, records)
+
+    alerts = SecurityAlerts(
+        runtime.settings, runtime.topics, publish, parse_many(runtime.settings.auth_alert_limit)
+    )
+    app.state.hdx_security_alerts = alerts  # for refusals an app answers itself (OAuth)
+    install_fhir_errors(app, on_refused=alerts.refused)
     install_auth(app, auth or Authenticator.from_settings(runtime.settings))
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_request_bytes)
     app.include_router(health_router(runtime))

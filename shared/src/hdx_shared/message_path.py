@@ -70,6 +70,9 @@ def describe(record: Any, topics: Topics) -> tuple[str, str]:
         return f"dead-lettered ({h.get(Header.REASON.value)})", why
     if topic == topics.audit:
         ev = orjson.loads(record.value)
+        if ev.get("type", {}).get("code") == "110113":  # hdx_shared.security_audit
+            kind = next((s.get("code") for s in ev.get("subtype", [])), "?")
+            return f"security alert ({kind})", str(ev.get("outcomeDesc", ""))
         decision = "permit" if ev.get("outcome") == "0" else "deny"
         recipient = next(
             (
@@ -87,6 +90,10 @@ def describe(record: Any, topics: Topics) -> tuple[str, str]:
         )
     if topic == topics.inbound:
         return "published", f"by {h.get(Header.SOURCE.value)}"
+    if (name := topics.publisher_topic_name(topic)) is not None:
+        return "published", f"on {name}'s own topic" + (
+            f" as {h[Header.SOURCE.value]}" if h.get(Header.SOURCE.value) else ""
+        )
     if topic == topics.validated:
         return "accepted", f"{h.get(Header.RESOURCE_TYPE.value)} from {h.get(Header.SOURCE.value)}"
     if topic == topics.identified:
@@ -123,8 +130,10 @@ async def message_path(
     for record in await _records(settings, scanned):
         h = _headers(record)
         ids = {h.get(Header.ID.value), h.get("hdx_subject_event")}
-        if record.topic == topics.inbound and source and h.get(Header.SOURCE.value) != source:
-            continue
+        published = record.topic == topics.inbound or topics.publisher_topic_name(record.topic)
+        claimed = h.get(Header.SOURCE.value)
+        if published and source and claimed and claimed != source:
+            continue  # another publisher's event of the same ce_id
         if wanted & ids:
             what, detail = describe(record, topics)
             hops.append(Hop(record.timestamp, record.topic, what, detail))

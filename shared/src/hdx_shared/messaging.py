@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
@@ -264,6 +265,40 @@ def client_config(settings: HdxSettings) -> dict[str, Any]:
     return config
 
 
+class KeyPartitioner:
+    """aiokafka's default partitioner — murmur2 of the key, as the Java client, so a key
+    lands where any Kafka client would put it — with each key's hash remembered.
+
+    aiokafka's murmur2 is pure Python (≈ 7 µs for a 36-byte key) and runs for every keyed
+    record; HDX keys by person, so the same keys come back at every stage and hop."""
+
+    MAX_KEYS = 200_000  # bounded: forgotten all at once, then hashed again as they come
+
+    def __init__(self) -> None:
+        self._hashes: dict[bytes, int] = {}
+        self._default = DefaultPartitioner()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            chosen: int = self._default(key, all_partitions, available)  # random, as aiokafka
+            return chosen
+        h = self._hashes.get(key)
+        if h is None:
+            if len(self._hashes) >= self.MAX_KEYS:
+                self._hashes.clear()
+            h = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[h % len(all_partitions)]
+
+
+async def record_values(message: Any) -> Any:
+    """The broker's decoder: the records' values as they are.
+
+    HDX's handlers read the consumed records themselves (`msg.raw_message`), so faststream's
+    own decoding — for a batch, a message object per record again and its body decoded by
+    content type — would be thrown away."""
+    return message.body
+
+
 def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
     """A faststream broker set up for HDX: acks from all replicas, idempotence where it works."""
     security: Any = None
@@ -284,12 +319,15 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
         linger_ms=1,
+        max_batch_size=settings.producer_max_batch_bytes,
         metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
         # Per-batch "Received"/"Processed" lines are debugging detail, not operations.
         log_level=logging.DEBUG,
         client_id=settings.service_name,
         security=security,
         logger=logging.getLogger(f"hdx.{settings.service_name}.kafka"),
+        partitioner=kwargs.pop("partitioner", None) or KeyPartitioner(),
+        decoder=kwargs.pop("decoder", None) or record_values,
         **kwargs,
     )
 
@@ -619,7 +657,9 @@ async def _tolerant_parser(message: Any, original: Callable[[Any], Awaitable[Any
     publisher's binary (or null) header value would end the subscriber. Such values are
     made readable (U+FFFD) first; the payload is untouched."""
     records = message if isinstance(message, tuple) else (message,)
-    if any(v is None or not _utf8(v) for r in records for _k, v in (r.headers or ())):
+    if any(
+        v is None or not (v.isascii() or _utf8(v)) for r in records for _k, v in (r.headers or ())
+    ):
         records = tuple(replace(r, headers=_clean_headers(r.headers)) for r in records)
         message = records if isinstance(message, tuple) else records[0]
     return await original(message)
@@ -637,13 +677,15 @@ def add_stage(
     broker: KafkaBroker,
     *,
     name: str,
-    topic: str,
     group_id: str,
     handler: Handler,
     settings: HdxSettings,
     topics: Topics,
+    topic: str | None = None,
+    pattern: str | None = None,
 ) -> StageHealth:
-    """Subscribe `handler` to `topic` as an at-least-once pipeline stage (see module doc).
+    """Subscribe `handler` to `topic` (or to every topic matching the regex `pattern`, found
+    again at each metadata refresh) as an at-least-once pipeline stage (see module doc).
 
     The stage acknowledges a batch itself: it commits the offsets after everything the
     batch caused was acknowledged, and rewinds them (seek) when the batch must come back,
@@ -766,8 +808,11 @@ def add_stage(
             health.recovered()
         return True
 
+    if (topic is None) == (pattern is None):
+        raise ValueError("a stage reads one topic or one pattern")
     health.subscriber = broker.subscriber(
-        topic,
+        *([topic] if topic else []),
+        pattern=pattern,
         group_id=group_id,
         batch=True,
         max_records=settings.consumer_batch_size,
@@ -801,12 +846,17 @@ def _record_metrics(
     for m in batch:
         if m.envelope.received_at_ms:
             since.observe(max(now - m.envelope.received_at_ms, 0) / 1000)
+    # Counted per topic kind, then added once each: a labelled child per record is costly.
+    outputs: dict[str, int] = {}
     for o in out:
         if o.topic == topics.deadletter:
             DEAD_LETTERS.labels(stage, o.headers.get(Header.REASON.value, "unknown")).inc()
         else:
             kind = o.topic.removeprefix(topics.prefix)
-            STAGE_OUTPUTS.labels(stage, "feed" if kind.startswith("feed.") else kind).inc()
+            kind = "feed" if kind.startswith("feed.") else kind
+            outputs[kind] = outputs.get(kind, 0) + 1
+    for kind, count in outputs.items():
+        STAGE_OUTPUTS.labels(stage, kind).inc(count)
     highwater = getattr(consumer, "highwater", None)
     if highwater is None:
         return

@@ -38,6 +38,13 @@ class HdxSettings(BaseSettings):
     # How often a service checks that its topics exist and re-creates missing ones.
     topic_check_seconds: float = Field(default=5.0, gt=0)
     consumer_batch_size: int = Field(default=500, ge=1)
+    # The largest record batch a producer builds for one partition (aiokafka's default,
+    # 16 KiB, holds a few dozen of HDX's records at most). A stage publishes up to a whole
+    # consumed batch at once; larger record batches mean fewer of them for the broker and
+    # the clients to handle (measured: ≈ −0.45 CPU-ms a message over the pipeline, broker
+    # included; docs/performance.md). At most Kafka's default message.max.bytes and
+    # aiokafka's max_request_size (1 MiB).
+    producer_max_batch_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     consumer_batch_timeout_ms: int = Field(default=20, ge=0)
     # How long a fetch waits for data. Kafka answers as soon as data arrives; the embedded
     # Tansu broker does not, so there a short wait is what keeps latency low.
@@ -71,9 +78,16 @@ class HdxSettings(BaseSettings):
     # cached, and fetched again for a key id not seen yet, at most this often.
     auth_jwks_url: str | None = None
     auth_jwks_refresh_seconds: float = Field(default=10.0, ge=0)
+    # Where the issuer lists revoked tokens (default: <issuer>/auth/revoked), and how often
+    # at most it is fetched again: how long a revoked token may still be taken.
+    auth_revocations_url: str | None = None
+    auth_revocation_refresh_seconds: float = Field(default=5.0, ge=0)
     # Requests per client on every authenticated endpoint, per replica (the `limits`
     # notation: "100/second", "6000/minute", or several separated by ";").
     auth_rate_limit: str = "100/second"
+    # Security alerts (AuditEvents) for refused requests, per caller and kind, per replica:
+    # beyond it a flood is counted (hdx_security_alerts_suppressed_total), not written.
+    auth_alert_limit: str = "30/minute"
 
     @model_validator(mode="after")
     def _refuse_dev_secrets_outside_dev(self) -> HdxSettings:
@@ -86,6 +100,10 @@ class HdxSettings(BaseSettings):
     @property
     def jwks_url(self) -> str:
         return self.auth_jwks_url or f"{self.auth_issuer.rstrip('/')}/auth/jwks"
+
+    @property
+    def revocations_url(self) -> str:
+        return self.auth_revocations_url or f"{self.auth_issuer.rstrip('/')}/auth/revoked"
 
     def sqlalchemy_url(self) -> str:
         """The database this service uses: HDX_DATABASE_URL, else SQLite in data_dir."""

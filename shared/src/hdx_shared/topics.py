@@ -6,7 +6,12 @@ with audit and deadletter beside it (docs/architecture.md draws it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# What a publisher's own inbound topic may be called after "<prefix>inbound.": no dots, so
+# that the name is one segment and no publisher's topic can sit under another's.
+PUBLISHER_TOPIC_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,24 @@ class Topics:
     def inbound(self) -> str:
         """What publishers write: FHIR JSON resources or Bundles with CloudEvents headers."""
         return f"{self.prefix}inbound"
+
+    def publisher_inbound(self, topic_name: str) -> str:
+        """One publisher's own inbound topic. The exchange takes the publisher's source from
+        the topic, so a Kafka ACL that lets a publisher write only here binds it to its
+        source (docs/security.md)."""
+        return f"{self.prefix}inbound.{topic_name}"
+
+    @property
+    def inbound_pattern(self) -> str:
+        """A regex for every topic the exchange takes in: `inbound` and each publisher's."""
+        return rf"^{re.escape(self.inbound)}(\.{PUBLISHER_TOPIC_NAME})?$"
+
+    def publisher_topic_name(self, topic: str) -> str | None:
+        """The publisher topic name of `topic` if it is a publisher's inbound topic."""
+        head = f"{self.prefix}inbound."
+        if topic.startswith(head) and re.fullmatch(PUBLISHER_TOPIC_NAME, topic[len(head) :]):
+            return topic[len(head) :]
+        return None
 
     @property
     def validated(self) -> str:
@@ -88,11 +111,15 @@ class Topics:
         """A subscriber's own Kafka feed of notification Bundles."""
         return f"{self.prefix}feed.{subscriber}"
 
+    @property
+    def inbound_config(self) -> dict[str, str]:
+        """What is published is kept a week, here and on every publisher's inbound topic."""
+        return {"retention.ms": str(7 * 24 * 3600 * 1000)}
+
     def core(self) -> list[TopicSpec]:
         """The topics HDX itself needs before any service starts."""
-        week = str(7 * 24 * 3600 * 1000)
         return [
-            TopicSpec(self.inbound, config={"retention.ms": week}),
+            TopicSpec(self.inbound, config=self.inbound_config),
             TopicSpec(self.validated),
             TopicSpec(self.identified),
             TopicSpec(self.routed),

@@ -22,12 +22,12 @@ from hdx_exchange.domain.subscriptions import subscription_from_fhir
 from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import Registry
 from hdx_exchange.settings import ExchangeSettings
-from hdx_exchange.store import ExchangeStore
+from hdx_exchange.store import ExchangeStore, TopicTaken
 from hdx_shared.auth import ADMIN_SCOPE, Caller, forbidden, require_scope
-from hdx_shared.fhir import FHIR_JSON, FHIR_VERSION, decode_resource
+from hdx_shared.fhir import FHIR_JSON, FHIR_VERSION, FhirError, Issue, decode_resource
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import ensure_topics
-from hdx_shared.topics import Topics, TopicSpec
+from hdx_shared.topics import PUBLISHER_TOPIC_NAME, Topics, TopicSpec
 
 
 class PublisherIn(BaseModel):
@@ -35,6 +35,30 @@ class PublisherIn(BaseModel):
     name: str = Field(min_length=1)
     patient_identifier_system: str = Field(min_length=3)
     active: bool = True
+    topic_name: str | None = Field(
+        default=None,
+        pattern=f"^{PUBLISHER_TOPIC_NAME}$",
+        description="its own inbound topic is <prefix>inbound.<topic_name>; by default the "
+        "source's letters and digits",
+    )
+
+
+class PublisherOut(PublisherIn):
+    inbound_topic: str = Field(
+        description="the Kafka topic this publisher writes; what arrives there is taken as "
+        "its own (grant it Write on this topic only)"
+    )
+
+    @classmethod
+    def of(cls, p: Publisher, topics: Topics) -> PublisherOut:
+        return cls(
+            source=p.source,
+            name=p.name,
+            patient_identifier_system=p.patient_identifier_system,
+            active=p.active,
+            topic_name=p.topic_name,
+            inbound_topic=topics.publisher_inbound(p.topic_name),
+        )
 
 
 def _searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,25 +106,35 @@ def build_routers(
     )
 
     @admin.get("/publishers")
-    async def list_publishers() -> list[PublisherIn]:
-        return [
-            PublisherIn(
-                source=p.source,
-                name=p.name,
-                patient_identifier_system=p.patient_identifier_system,
-                active=p.active,
-            )
-            for p in store.publishers().values()
-        ]
+    async def list_publishers() -> list[PublisherOut]:
+        return [PublisherOut.of(p, topics) for p in store.publishers().values()]
 
     @admin.post("/publishers", status_code=201)
-    async def put_publisher(body: PublisherIn) -> PublisherIn:
-        """Register (or update) a source allowed to publish."""
-        store.put_publisher(
-            Publisher(body.source, body.name, body.patient_identifier_system, body.active)
+    async def put_publisher(body: PublisherIn) -> PublisherOut:
+        """Register (or update) a source allowed to publish, and create its inbound topic."""
+        publisher = Publisher(
+            body.source,
+            body.name,
+            body.patient_identifier_system,
+            body.active,
+            body.topic_name or "",
         )
+        try:
+            store.put_publisher(publisher)
+        except TopicTaken as exc:
+            raise FhirError(
+                "topic-taken", [Issue(str(exc), code="duplicate")], http_status=409
+            ) from exc
         registry.refresh()
-        return body
+        await ensure_topics(
+            settings,
+            [
+                TopicSpec(
+                    topics.publisher_inbound(publisher.topic_name), config=topics.inbound_config
+                )
+            ],
+        )
+        return PublisherOut.of(publisher, topics)
 
     @admin.get("/audit/verify")
     async def verify_audit_log() -> dict[str, Any]:

@@ -21,13 +21,13 @@ from hdx_exchange.pipeline import ExchangePipeline, Registry
 from hdx_exchange.rest_publish import publishing_router
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
-from hdx_shared.auth import Authenticator, StaticKeys, TokenIssuer
+from hdx_shared.auth import Authenticator, Revocations, StaticKeys, TokenIssuer
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import Limits
 from hdx_shared.http import ServiceRuntime, create_service_app
-from hdx_shared.messaging import Outgoing, add_stage, make_broker, publish_all
+from hdx_shared.messaging import Outgoing, add_stage, ensure_topics, make_broker, publish_all
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
-from hdx_shared.topics import Topics
+from hdx_shared.topics import Topics, TopicSpec
 
 
 def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
@@ -54,6 +54,19 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     dispatcher = RestHookDispatcher(store, registry, settings, topics, publish)
     pipeline.on_queued = dispatcher.wake
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
+    # Ingress reads hdx.inbound and every publisher's own hdx.inbound.<name>, including
+    # those registered later (found at the consumer's next metadata refresh).
+    runtime.stages.append(
+        add_stage(
+            broker,
+            name="ingress",
+            pattern=topics.inbound_pattern,
+            group_id=topics.group("exchange-ingress"),
+            handler=pipeline.ingress,
+            settings=settings,
+            topics=topics,
+        )
+    )
     runtime.stages += [
         add_stage(
             broker,
@@ -65,7 +78,6 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
             topics=topics,
         )
         for name, topic, handler in (
-            ("ingress", topics.inbound, pipeline.ingress),
             ("router", topics.identified, pipeline.route),
             ("delivery", topics.decided, pipeline.deliver),
             ("audit-log", topics.audit, audit_log.record),
@@ -85,13 +97,30 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
         key, settings.auth_issuer, settings.auth_audience, settings.auth_token_lifetime_seconds
     )
     auth_server = AuthorizationServer(store, token_issuer, settings.token_url)
-    authenticator = Authenticator.from_settings(settings, StaticKeys(verification))
+
+    async def revoked_tokens() -> dict[str, int]:
+        return await asyncio.to_thread(store.revoked_tokens)
+
+    authenticator = Authenticator.from_settings(
+        settings,
+        StaticKeys(verification),
+        Revocations(revoked_tokens, settings.auth_revocation_refresh_seconds),
+    )
 
     async def start() -> None:
         store.create_schema()
         if settings.auth_clients_file is not None:
             load_clients_file(store, settings.auth_clients_file)
         registry.refresh()
+        # Each registered publisher's own inbound topic (registration creates it; this
+        # brings it back on a broker that lost it, or for publishers loaded from a file).
+        await ensure_topics(
+            settings,
+            [
+                TopicSpec(topics.publisher_inbound(p.topic_name), config=topics.inbound_config)
+                for p in registry.publishers.values()
+            ],
+        )
 
     async def stop() -> None:
         store.engine.dispose()

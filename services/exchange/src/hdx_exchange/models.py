@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel, UniqueConstraint
 
 
@@ -20,6 +21,9 @@ class PublisherRow(SQLModel, table=True):
     patient_identifier_system: str
     active: bool = True
     updated_at: datetime = Field(default_factory=_now)
+    # Its own inbound topic is <prefix>inbound.<topic_name>; unique, so a topic names one
+    # publisher. Nullable for rows from before it existed: those use topic_name_for(source).
+    topic_name: str | None = Field(default=None, unique=True)
 
 
 class SubscriptionRow(SQLModel, table=True):
@@ -118,6 +122,10 @@ class ClientRow(SQLModel, table=True):
     active: bool = True
     created_at: datetime = Field(default_factory=_now)
     updated_at: datetime = Field(default_factory=_now)
+    # Tokens issued before this (epoch milliseconds) are revoked: set when the client is
+    # deactivated or its keys are replaced, and kept (a reactivated client's old tokens stay
+    # void). Served at GET /auth/revoked to every service that checks tokens.
+    tokens_not_before: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class AssertionJtiRow(SQLModel, table=True):

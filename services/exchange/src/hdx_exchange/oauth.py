@@ -27,6 +27,9 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
+from limits import parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, Field, field_validator
 
 from hdx_exchange.domain.subscriptions import subscriber_id
@@ -49,6 +52,7 @@ from hdx_shared.auth import (
     public_key_set,
     require_scope,
 )
+from hdx_shared.http import SecurityAlerts
 from hdx_shared.scopes import ScopeError, ScopeSet
 
 log = logging.getLogger(__name__)
@@ -206,6 +210,7 @@ class AuthorizationServer:
 
     def token(self, form: Mapping[str, str], now: int | None = None) -> dict[str, Any]:
         """The token response for a token request, or OAuthError."""
+        issued = now  # None: the token says the very millisecond (revocations compare it)
         now = int(time.time()) if now is None else now
         if form.get("grant_type") != "client_credentials":
             raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
@@ -262,7 +267,7 @@ class AuthorizationServer:
         ):
             raise invalid_client("client assertion: this jti was used before")
         token = self.issuer.issue(
-            client_id, granted, source=row.source, subscriber=row.subscriber, now=now
+            client_id, granted, source=row.source, subscriber=row.subscriber, now=issued
         )
         return {
             "access_token": token,
@@ -291,11 +296,27 @@ def auth_routers(
     """The open endpoints (token, keys, configuration) and the client registry (admin)."""
     open_router = APIRouter(tags=["authorization"])
     jwks = published_jwks(verification)
+    token_limits = parse_many(settings.auth_token_rate_limit)
+    token_limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def too_many(address: str) -> Response | None:
+        """429 when this address is over its token request limit."""
+        for item in token_limits:
+            if not token_limiter.hit(item, "token", address):
+                reset = token_limiter.get_window_stats(item, "token", address).reset_time
+                response = OAuthError(
+                    "invalid_request", f"too many token requests from {address} ({item})", 429
+                ).response()
+                response.headers["Retry-After"] = str(max(1, int(reset - time.time() + 0.999)))
+                return response
+        return None
 
     @open_router.post("/auth/token")
     async def token(request: Request) -> Response:
         """OAuth 2.0 client credentials with a private_key_jwt client assertion
-        (application/x-www-form-urlencoded)."""
+        (application/x-www-form-urlencoded). A refused request leaves a security alert."""
+        if (throttled := too_many(request.client.host if request.client else "?")) is not None:
+            return throttled
         if not request.headers.get("content-type", "").startswith(
             "application/x-www-form-urlencoded"
         ):
@@ -309,11 +330,26 @@ def auth_routers(
             return OAuthError("invalid_request", "the body is not UTF-8").response()
         except OAuthError as exc:
             log.info("token request refused: %s", exc.error)
+            alerts: SecurityAlerts | None = getattr(request.app.state, "hdx_security_alerts", None)
+            if alerts is not None:  # the claimed client id is in the description, unproven
+                await alerts.record(
+                    request, "token-refused", f"{exc.error}: {exc.description}", client_id=None
+                )
             return exc.response()
         return Response(
             orjson.dumps(body),
             media_type="application/json",
             headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
+
+    @open_router.get("/auth/revoked")
+    async def revoked() -> Response:
+        """Which clients' tokens are revoked, and from when: `{"revoked": {client id: epoch
+        milliseconds}}` — a token of that client issued before then is refused by every
+        service (they fetch this every HDX_AUTH_REVOCATION_REFRESH_SECONDS)."""
+        body = {"revoked": await asyncio.to_thread(server.store.revoked_tokens)}
+        return Response(
+            orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"}
         )
 
     @open_router.get("/auth/jwks")
@@ -362,7 +398,7 @@ def auth_routers(
 
     @admin.delete("/{client_id}")
     async def deactivate_client(client_id: str) -> ClientIn:
-        """Deactivate: no new tokens (those issued expire within their lifetime)."""
+        """Deactivate: no new tokens, and those it holds are revoked (GET /auth/revoked)."""
         row = await asyncio.to_thread(server.store.client, client_id)
         if row is None:
             raise HTTPException(404, f"client {client_id} is not registered")

@@ -1,6 +1,8 @@
 """The exchange's three Kafka stages — thin adapters from records to the domain and back.
 
-- ingress:  hdx.inbound  → hdx.validated (or hdx.deadletter with an OperationOutcome)
+- ingress:  hdx.inbound and each publisher's hdx.inbound.<name> → hdx.validated (or
+            hdx.deadletter with an OperationOutcome; a message on a publisher's own topic
+            that claims another source also leaves a security-alert AuditEvent)
 - router:   hdx.identified → hdx.routed (the subscriptions whose criteria match)
 - delivery: hdx.decided → hdx.feed.<subscriber> (notification Bundles, numbered per subscription)
 """
@@ -16,13 +18,14 @@ from typing import Any
 
 import orjson
 
-from hdx_exchange.domain.ingress import Publisher, accept_message
+from hdx_exchange.domain.ingress import Publisher, accept_message, bind_to_topic
 from hdx_exchange.domain.notification import build_notification
 from hdx_exchange.domain.routing import ChannelType, Subscription, match_subscriptions
 from hdx_exchange.store import ExchangeStore, Numbering
-from hdx_shared.envelope import ChangeType, Header
+from hdx_shared.envelope import ChangeType, Envelope, Header
 from hdx_shared.fhir import FhirError, Issue, Limits
 from hdx_shared.messaging import Inbound, Outgoing, Unavailable, dead_letter_for, handling
+from hdx_shared.security_audit import security_alert, security_alert_record
 from hdx_shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -34,12 +37,21 @@ MISSING_EVENT_ID = FhirError(
 OFFLOAD_BYTES = 256 * 1024
 
 
+class RefusedOnTopic(Exception):
+    """A message its topic does not allow: dead-lettered, and a security alert recorded."""
+
+    def __init__(self, error: FhirError, alert: Outgoing) -> None:
+        super().__init__(error.reason)
+        self.error, self.alert = error, alert
+
+
 @dataclass
 class Registry:
     """Publishers and subscriptions in memory; the database is the durable copy."""
 
     store: ExchangeStore
     publishers: dict[str, Publisher] = field(default_factory=dict)
+    by_topic_name: dict[str, Publisher] = field(default_factory=dict)
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     loaded: bool = False
     error: str | None = None
@@ -47,6 +59,7 @@ class Registry:
     def refresh(self) -> None:
         try:
             self.publishers = self.store.publishers()
+            self.by_topic_name = {p.topic_name: p for p in self.publishers.values()}
             self.subscriptions = {s.id: s for s in self.store.subscriptions()}
             self.loaded, self.error = True, None
         except Exception as exc:  # keep the last good copy; readiness says why
@@ -73,19 +86,25 @@ class ExchangePipeline:
         owners: list[tuple[str, str, str, str]] = []
         for m in batch:
             try:
+                envelope = self._bound(m)
                 if len(m.value) > OFFLOAD_BYTES:
                     accepted = await asyncio.to_thread(
                         accept_message,
                         m.value,
-                        m.envelope,
+                        envelope,
                         self.registry.publishers,
                         self.limits,
                         m.origin,
                     )
                 else:
                     accepted = accept_message(
-                        m.value, m.envelope, self.registry.publishers, self.limits, m.origin
+                        m.value, envelope, self.registry.publishers, self.limits, m.origin
                     )
+            except RefusedOnTopic as refused:
+                with handling(m):
+                    log.warning("refused %s: %s", m.origin, refused.error.reason)
+                out += [dead_letter_for(self.topics, m, refused.error), refused.alert]
+                continue
             except FhirError as exc:
                 with handling(m):  # the line carries this message's trace_id/span_id
                     log.info(
@@ -109,6 +128,25 @@ class ExchangePipeline:
         # One write per batch: which patient each resource is about, for later DELETEs.
         await asyncio.to_thread(self.store.remember_owners, owners)
         return out
+
+    def _bound(self, m: Inbound) -> Envelope:
+        """The envelope with the source its topic binds it to (see domain.bind_to_topic)."""
+        if m.topic == self.topics.inbound:
+            return m.envelope  # the shared topic: only HDX's REST ingress writes it when secured
+        topic_name = self.topics.publisher_topic_name(m.topic)
+        owner = self.registry.by_topic_name.get(topic_name) if topic_name else None
+        try:
+            return bind_to_topic(m.envelope, owner, m.topic)
+        except FhirError as exc:
+            alert = security_alert(
+                what="publish-as-other-source" if owner else "publish-on-unregistered-topic",
+                description=exc.issues[0].diagnostics,
+                observer="exchange",
+                claimed_source=m.envelope.source or None,
+                bound_source=owner.source if owner else None,
+                kafka_topic=m.topic,
+            )
+            raise RefusedOnTopic(exc, security_alert_record(self.topics, alert)) from exc
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()

@@ -23,13 +23,13 @@ import orjson
 from fastapi import APIRouter, Header, Request, Response
 
 from hdx_exchange.domain.ingress import AcceptedResource, accept_message, tombstone
-from hdx_exchange.domain.security_audit import security_alert
 from hdx_exchange.pipeline import Registry
 from hdx_shared.auth import AuthenticatedCaller, Caller, forbidden
 from hdx_shared.envelope import ChangeType, Envelope, derive_event_id, now_ms
-from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, Limits, operation_outcome, parse_json
+from hdx_shared.fhir import FhirError, Issue, Limits, operation_outcome, parse_json
 from hdx_shared.http import FhirResponse
 from hdx_shared.messaging import Outgoing, Publish
+from hdx_shared.security_audit import security_alert, security_alert_record
 from hdx_shared.topics import Topics
 
 
@@ -66,22 +66,17 @@ def publishing_router(
         alert = security_alert(
             what=what,
             description=description,
+            observer="exchange",
             client_id=caller.client_id,
             client_address=request.client.host if request.client else None,
             claimed_source=claimed,
             bound_source=caller.source,
+            request=f"{request.method} {request.url.path}",
         )
-        await publish(
-            [
-                Outgoing(
-                    topics.audit,
-                    orjson.dumps(alert),
-                    b"security",
-                    {"content-type": FHIR_JSON},
-                )
-            ]
-        )
-        raise forbidden(f"{description}: refused and audited")
+        await publish([security_alert_record(topics, alert)])
+        refused = forbidden(f"{description}: refused and audited")
+        refused.audited = True  # with the sources it claimed: not again as a plain 403
+        raise refused
 
     def allowed(caller: Caller, resource_type: str, permission: str) -> None:
         if not caller.can(resource_type, permission):

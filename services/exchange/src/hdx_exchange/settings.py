@@ -38,6 +38,9 @@ class ExchangeSettings(HdxSettings):
     # valid until they expire. Keep them for at least the token lifetime after a rotation.
     auth_retired_keys: str | None = None
     auth_token_lifetime_seconds: int = Field(default=300, ge=30, le=3600)
+    # Token requests per client network address, per replica (`limits` notation): checking
+    # an assertion costs a signature verification and a database write.
+    auth_token_rate_limit: str = "10/second;300/minute"
     # The token endpoint's URL as clients see it: their assertions' aud must be this
     # (default: <HDX_AUTH_ISSUER>/auth/token).
     auth_token_url: str | None = None

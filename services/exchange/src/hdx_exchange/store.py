@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, insert, or_, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, col, select
 
 from hdx_exchange.domain.audit_chain import GENESIS, Anchor, ChainedRecord, chain_hash
-from hdx_exchange.domain.ingress import Publisher
+from hdx_exchange.domain.ingress import Publisher, topic_name_for
 from hdx_exchange.domain.routing import (
     ChannelType,
     Criteria,
@@ -37,6 +37,51 @@ from hdx_shared.db import migrate
 from hdx_shared.messaging import Unavailable
 
 T = TypeVar("T")
+
+
+def _table(model: type[Any]) -> Table:
+    """A table model's Core table, for the pipeline's bulk statements."""
+    table: Table = model.__table__
+    return table
+
+
+# The pipeline's statements, built once: Core on a plain connection (no ORM session, no
+# unit of work) and executemany for the rows, so SQLAlchemy compiles each statement once
+# and caches it (a multi-row VALUES clause is compiled again for every batch size).
+_AUDIT = _table(AuditLogRow)
+_HEAD = _table(AuditHeadRow)
+_DELIVERY = _table(DeliveryRow)
+_SUBSCRIPTION = _table(SubscriptionRow)
+_OWNER = _table(ResourceOwnerRow)
+_HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_AUDIT_KNOWN = select(_AUDIT.c.audit_id).where(
+    _AUDIT.c.audit_id.in_(bindparam("ids", expanding=True))
+)
+_HEAD_SET = (
+    update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("b_seq"), hash=bindparam("b_hash"))
+)
+_NUMBERED = select(
+    _DELIVERY.c.subscription_id, _DELIVERY.c.event_id, _DELIVERY.c.event_number
+).where(
+    _DELIVERY.c.subscription_id.in_(bindparam("subs", expanding=True)),
+    _DELIVERY.c.event_id.in_(bindparam("events", expanding=True)),
+)
+_RESERVE = (
+    update(_SUBSCRIPTION)
+    .where(_SUBSCRIPTION.c.id == bindparam("b_id"))
+    .values(event_count=_SUBSCRIPTION.c.event_count + bindparam("b_count"))
+    .returning(_SUBSCRIPTION.c.event_count)
+)
+
+
+def _owner_upsert(dialect: str) -> Any:
+    """Insert or update a resource's owner (one row per executemany parameter set)."""
+    upsert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = upsert(_OWNER)
+    return stmt.on_conflict_do_update(
+        index_elements=["source", "resource_type", "resource_id"],
+        set_={"patient_ref": stmt.excluded.patient_ref, "updated_at": stmt.excluded.updated_at},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +109,18 @@ def _subscription(row: SubscriptionRow) -> Subscription:
     )
 
 
+class TopicTaken(Exception):
+    """Another publisher already has this inbound topic name."""
+
+    def __init__(self, topic_name: str, source: str) -> None:
+        super().__init__(f"the inbound topic name '{topic_name}' is {source}'s")
+        self.topic_name, self.source = topic_name, source
+
+
 class ExchangeStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._owner_stmt = _owner_upsert(engine.dialect.name)
 
     def create_schema(self) -> None:
         """Bring the database to the newest schema (Alembic migrations in the package)."""
@@ -76,21 +130,31 @@ class ExchangeStore:
     def publishers(self) -> dict[str, Publisher]:
         with Session(self.engine) as s:
             return {
-                r.source: Publisher(r.source, r.name, r.patient_identifier_system, r.active)
+                r.source: Publisher(
+                    r.source, r.name, r.patient_identifier_system, r.active, r.topic_name or ""
+                )
                 for r in s.exec(select(PublisherRow))
             }
 
     def put_publisher(self, p: Publisher) -> None:
+        """Register or update a publisher; TopicTaken if another source has its topic."""
         with Session(self.engine) as s:
+            for other in s.exec(select(PublisherRow).where(PublisherRow.source != p.source)):
+                if (other.topic_name or topic_name_for(other.source)) == p.topic_name:
+                    raise TopicTaken(p.topic_name, other.source)
             s.merge(
                 PublisherRow(
                     source=p.source,
                     name=p.name,
                     patient_identifier_system=p.patient_identifier_system,
                     active=p.active,
+                    topic_name=p.topic_name,
                 )
             )
-            s.commit()
+            try:
+                s.commit()
+            except IntegrityError as exc:  # registered concurrently under the same name
+                raise TopicTaken(p.topic_name, "another source") from exc
 
     # OAuth clients --------------------------------------------------------------------
     def clients(self) -> list[ClientRow]:
@@ -102,13 +166,27 @@ class ExchangeStore:
             return s.get(ClientRow, client_id)
 
     def put_client(self, row: ClientRow) -> None:
+        """Create or replace a registration. Deactivating a client or replacing its keys
+        revokes every token it holds (`tokens_not_before`)."""
         with Session(self.engine) as s:
             existing = s.get(ClientRow, row.client_id)
+            now = datetime.now(UTC)
             if existing is not None:
                 row.created_at = existing.created_at
-            row.updated_at = datetime.now(UTC)
+                row.tokens_not_before = existing.tokens_not_before
+                if (existing.active and not row.active) or existing.jwks != row.jwks:
+                    row.tokens_not_before = int(now.timestamp() * 1000)
+            row.updated_at = now
             s.merge(row)
             s.commit()
+
+    def revoked_tokens(self) -> dict[str, int]:
+        """Client id → tokens issued before this (epoch milliseconds) are revoked."""
+        with Session(self.engine) as s:
+            q = select(ClientRow.client_id, ClientRow.tokens_not_before).where(
+                col(ClientRow.tokens_not_before).is_not(None)
+            )
+            return {client_id: int(t) for client_id, t in s.exec(q) if t is not None}
 
     def use_assertion_jti(self, client_id: str, jti: str, expires_at: datetime) -> bool:
         """Record a client assertion's jti; False if it was used before (a replay). Expired
@@ -152,26 +230,25 @@ class ExchangeStore:
         return self._guarded(self._append_audit, events)
 
     def _append_audit(self, events: Sequence[tuple[str, str | None, bytes]]) -> Anchor:
-        with Session(self.engine) as s:
-            head = s.exec(
-                select(AuditHeadRow).where(AuditHeadRow.id == 1).with_for_update()
-            ).first()
-            if head is None:
-                head = AuditHeadRow(id=1, seq=0, hash=GENESIS)
-                s.add(head)
-                s.flush()
-            ids = {e[0] for e in events}
-            known = set(
-                s.exec(select(AuditLogRow.audit_id).where(col(AuditLogRow.audit_id).in_(ids)))
-            )
+        # One transaction; the head row is locked (PostgreSQL) until the commit, so two
+        # replicas never extend the chain from the same head.
+        with self.engine.begin() as conn:
+            found = conn.execute(_HEAD_FOR_UPDATE).first()
+            if found is None:
+                conn.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS))
+                seq, digest = 0, GENESIS
+            else:
+                seq, digest = int(found[0]), str(found[1])
+            ids = sorted({e[0] for e in events})
+            known = set(conn.execute(_AUDIT_KNOWN, {"ids": ids}).scalars())
             rows: list[dict[str, Any]] = []
             now = datetime.now(UTC)
             for audit_id, patient, body in events:
                 if audit_id in known:
                     continue
                 known.add(audit_id)
-                seq = head.seq + 1
-                digest = chain_hash(head.hash, seq, body)
+                prev, seq = digest, seq + 1
+                digest = chain_hash(prev, seq, body)
                 rows.append(
                     {
                         "seq": seq,
@@ -179,16 +256,14 @@ class ExchangeStore:
                         "patient": patient,
                         "recorded_at": now,
                         "body": body,
-                        "prev_hash": head.hash,
+                        "prev_hash": prev,
                         "hash": digest,
                     }
                 )
-                head.seq, head.hash = seq, digest
             if rows:
-                s.execute(insert(AuditLogRow), rows)  # one statement for the batch
-            s.add(head)
-            s.commit()
-            return Anchor(head.seq, head.hash)
+                conn.execute(insert(_AUDIT), rows)  # executemany, one statement
+                conn.execute(_HEAD_SET, {"b_seq": seq, "b_hash": digest})
+            return Anchor(seq, digest)
 
     def audit_chain(self, chunk: int = 5000) -> Iterator[ChainedRecord]:
         """The whole log in sequence order, read in chunks."""
@@ -241,16 +316,9 @@ class ExchangeStore:
             }
             for k, p in latest.items()
         ]
-        dialect = self.engine.dialect.name
-        upsert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = upsert(ResourceOwnerRow).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["source", "resource_type", "resource_id"],
-            set_={"patient_ref": stmt.excluded.patient_ref, "updated_at": now},
-        )
-        with Session(self.engine) as s:
-            s.execute(stmt)  # one statement for the batch, on SQLite and PostgreSQL
-            s.commit()
+        with self.engine.begin() as conn:
+            # One upsert statement, compiled once, executed for every row (executemany).
+            conn.execute(self._owner_stmt, rows)
 
     def owner_of(self, source: str, resource_type: str, resource_id: str) -> str | None:
         with Session(self.engine) as s:
@@ -276,31 +344,22 @@ class ExchangeStore:
         numbers: dict[tuple[str, str], int] = {}
         if not wanted:
             return numbers
-        with Session(self.engine) as s:
-            subs = {w.subscription_id for w in wanted}
-            events = {w.event_id for w in wanted}
-            for row in s.exec(
-                select(DeliveryRow).where(
-                    col(DeliveryRow.subscription_id).in_(subs),
-                    col(DeliveryRow.event_id).in_(events),
-                )
-            ):
-                numbers[(row.subscription_id, row.event_id)] = row.event_number
+        with self.engine.begin() as conn:
+            subs = sorted({w.subscription_id for w in wanted})
+            events = sorted({w.event_id for w in wanted})
+            for sub, event, number in conn.execute(_NUMBERED, {"subs": subs, "events": events}):
+                numbers[(sub, event)] = number
             fresh: dict[str, dict[str, Numbering]] = {}
             for w in wanted:
                 if (w.subscription_id, w.event_id) not in numbers:
                     fresh.setdefault(w.subscription_id, {}).setdefault(w.event_id, w)
+            rows: list[dict[str, Any]] = []
             for sub, items in fresh.items():
                 # One atomic increment per subscription reserves a block of numbers, so two
                 # replicas numbering for the same subscription never collide.
-                last = s.execute(
-                    update(SubscriptionRow)
-                    .where(col(SubscriptionRow.id) == sub)
-                    .values(event_count=SubscriptionRow.event_count + len(items))
-                    .returning(col(SubscriptionRow.event_count))
-                ).scalar_one()
+                last = conn.execute(_RESERVE, {"b_id": sub, "b_count": len(items)}).scalar_one()
                 first = last - len(items) + 1
-                rows: list[dict[str, Any]] = []
+                now = datetime.now(UTC)
                 for n, w in enumerate(items.values(), start=first):
                     numbers[(sub, w.event_id)] = n
                     rows.append(
@@ -310,13 +369,13 @@ class ExchangeStore:
                             "event_number": n,
                             "resource_type": w.resource_type,
                             "focus": w.focus,
-                            "created_at": datetime.now(UTC),
+                            "created_at": now,
                             "state": "numbered",
                             "attempts": 0,
                         }
                     )
-                s.execute(insert(DeliveryRow), rows)
-            s.commit()
+            if rows:
+                conn.execute(insert(_DELIVERY), rows)  # executemany, one statement
         return numbers
 
     def queue_notifications(self, payloads: Sequence[tuple[str, str, bytes]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,53 @@ from hdx_shared.fhir import FhirError, Issue, Limits, Reference, decode_resource
 
 @dataclass(frozen=True, slots=True)
 class Publisher:
-    """A registered source: who may publish, and the system its local patient ids belong to."""
+    """A registered source: who may publish, the system its local patient ids belong to, and
+    the name of its own inbound topic (`Topics.publisher_inbound`)."""
 
     source: str
     name: str
     patient_identifier_system: str
     active: bool = True
+    topic_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.topic_name:
+            object.__setattr__(self, "topic_name", topic_name_for(self.source))
+
+
+def topic_name_for(source: str) -> str:
+    """The default name of a source's inbound topic: the source's letters and digits, e.g.
+    "urn:hdx:source:st-marys" → "urn-hdx-source-st-marys" (registration may choose another)."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", source).strip("-_")[:100]
+    return name or "publisher"
+
+
+def bind_to_topic(envelope: Envelope, owner: Publisher | None, topic: str) -> Envelope:
+    """A message on a publisher's own inbound topic is that publisher's: it may name its
+    source in ce_source or leave it out, and any other source is refused (FhirError 403).
+
+    Only the topic is to be trusted here: Kafka ACLs decide who may write it, while every
+    header is whatever the writer put there."""
+    if owner is None or not owner.active:
+        raise FhirError(
+            "unknown-publisher-topic",
+            [Issue(f"no active publisher is registered for topic {topic}", code="security")],
+            http_status=403,
+        )
+    if envelope.source and envelope.source != owner.source:
+        raise FhirError(
+            "source-not-bound",
+            [
+                Issue(
+                    f"topic {topic} is {owner.source}'s; a message on it may not claim "
+                    f"source '{envelope.source}'",
+                    code="security",
+                    expression="ce_source",
+                )
+            ],
+            http_status=403,
+        )
+    return envelope if envelope.source else envelope.evolve(source=owner.source)
 
 
 @dataclass(frozen=True, slots=True)
