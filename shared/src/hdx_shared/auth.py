@@ -410,15 +410,36 @@ def _str_or_none(value: object) -> str | None:
 
 
 @dataclass
+class RateLimit:
+    """Moving-window limits per key (the `limits` library), counted in this process's
+    memory: per replica."""
+
+    items: list[RateLimitItem]
+    _limiter: MovingWindowRateLimiter = field(
+        default_factory=lambda: MovingWindowRateLimiter(MemoryStorage())
+    )
+
+    def retry_after(self, *key: str) -> tuple[RateLimitItem, int] | None:
+        """Count one hit for `key`: None if it is within every limit, else the limit it is
+        over and the seconds until that limit lets it through again."""
+        for item in self.items:
+            if not self._limiter.hit(item, *key):
+                reset = self._limiter.get_window_stats(item, *key).reset_time
+                return item, max(1, int(reset - time.time() + 0.999))
+        return None
+
+
+@dataclass
 class Authenticator:
     """What one app checks callers with: the verifier (None when authentication is off, in
     development only) and the per-client rate limit."""
 
     verifier: TokenVerifier | None
     rate_limits: list[RateLimitItem]
-    _limiter: MovingWindowRateLimiter = field(
-        default_factory=lambda: MovingWindowRateLimiter(MemoryStorage())
-    )
+    _limit: RateLimit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._limit = RateLimit(self.rate_limits)
 
     @classmethod
     def from_settings(
@@ -454,16 +475,14 @@ class Authenticator:
         return caller
 
     def throttle(self, client_id: str) -> None:
-        for item in self.rate_limits:
-            if not self._limiter.hit(item, "client", client_id):
-                reset = self._limiter.get_window_stats(item, "client", client_id).reset_time
-                retry = max(1, int(reset - time.time() + 0.999))
-                raise FhirError(
-                    "rate-limited",
-                    [Issue(f"client {client_id} is over its rate limit ({item})", "throttled")],
-                    http_status=429,
-                    headers={"Retry-After": str(retry)},
-                )
+        if (over := self._limit.retry_after("client", client_id)) is not None:
+            item, retry = over
+            raise FhirError(
+                "rate-limited",
+                [Issue(f"client {client_id} is over its rate limit ({item})", "throttled")],
+                http_status=429,
+                headers={"Retry-After": str(retry)},
+            )
 
 
 def install_auth(app: FastAPI, auth: Authenticator) -> None:

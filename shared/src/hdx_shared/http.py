@@ -18,13 +18,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from faststream.kafka import KafkaBroker
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from prometheus_client import Counter, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hdx_shared.auth import Authenticator, install_auth
+from hdx_shared.auth import Authenticator, RateLimit, install_auth
 from hdx_shared.fhir import FHIR_JSON, FhirError, Issue, operation_outcome
 from hdx_shared.messaging import (
     Outgoing,
@@ -121,9 +119,10 @@ class SecurityAlerts:
     topics: Topics
     publish: Callable[[Sequence[Outgoing]], Awaitable[None]]
     limits: list[RateLimitItem]
-    _limiter: MovingWindowRateLimiter = field(
-        default_factory=lambda: MovingWindowRateLimiter(MemoryStorage())
-    )
+    _limit: RateLimit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._limit = RateLimit(self.limits)
 
     async def refused(self, request: Request, error: FhirError) -> None:
         caller = getattr(request.state, "hdx_caller", None)
@@ -139,7 +138,7 @@ class SecurityAlerts:
     ) -> None:
         address = request.client.host if request.client else None
         agent = client_id or address or "?"
-        if not all(self._limiter.hit(item, kind, agent) for item in self.limits):
+        if self._limit.retry_after(kind, agent) is not None:
             SECURITY_ALERTS_SUPPRESSED.labels(kind).inc()
             return
         alert = security_alert(

@@ -28,8 +28,6 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
 from limits import parse_many
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, Field, field_validator
 
 from hdx_exchange.domain.subscriptions import subscriber_id
@@ -44,6 +42,7 @@ from hdx_shared.auth import (
     LEEWAY_SECONDS,
     MAX_ASSERTION_SECONDS,
     Key,
+    RateLimit,
     TokenIssuer,
     generate_key,
     load_private_key,
@@ -296,20 +295,18 @@ def auth_routers(
     """The open endpoints (token, keys, configuration) and the client registry (admin)."""
     open_router = APIRouter(tags=["authorization"])
     jwks = published_jwks(verification)
-    token_limits = parse_many(settings.auth_token_rate_limit)
-    token_limiter = MovingWindowRateLimiter(MemoryStorage())
+    token_limit = RateLimit(parse_many(settings.auth_token_rate_limit))
 
     def too_many(address: str) -> Response | None:
         """429 when this address is over its token request limit."""
-        for item in token_limits:
-            if not token_limiter.hit(item, "token", address):
-                reset = token_limiter.get_window_stats(item, "token", address).reset_time
-                response = OAuthError(
-                    "invalid_request", f"too many token requests from {address} ({item})", 429
-                ).response()
-                response.headers["Retry-After"] = str(max(1, int(reset - time.time() + 0.999)))
-                return response
-        return None
+        if (over := token_limit.retry_after("token", address)) is None:
+            return None
+        item, retry = over
+        response = OAuthError(
+            "invalid_request", f"too many token requests from {address} ({item})", 429
+        ).response()
+        response.headers["Retry-After"] = str(retry)
+        return response
 
     @open_router.post("/auth/token")
     async def token(request: Request) -> Response:
