@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
@@ -554,6 +555,11 @@ class StageHealth:
     last_progress: float = field(default_factory=time.monotonic)
     # The faststream subscriber (its consume loop and aiokafka consumer), once subscribed.
     subscriber: Any = field(default=None, repr=False, compare=False)
+    # Set while no batch is in hand; cleared while one is (see FinishBatchBeforeRebalance).
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
+    # True from the moment the group takes this stage's partitions back until it hands the
+    # new ones out: a batch fetched then is not started (it goes back, unpublished).
+    revoking: bool = False
 
     def failed(self, what: str, exc: BaseException) -> None:
         if self.failing_since is None:
@@ -697,6 +703,20 @@ def add_stage(
     backoff = {"unavailable": 0.0, "publish": 0.0}
 
     async def consume(_body: list[bytes], msg: KafkaMessage) -> None:
+        if health.revoking:
+            # The partitions are being taken back: this batch goes back untouched, to
+            # whichever member gets them.
+            with contextlib.suppress(Exception):
+                await msg.nack()
+            await asyncio.sleep(0.05)
+            return
+        health.idle.clear()
+        try:
+            await _consume(msg)
+        finally:
+            health.idle.set()
+
+    async def _consume(msg: KafkaMessage) -> None:
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
         started = time.perf_counter()
@@ -810,9 +830,11 @@ def add_stage(
 
     if (topic is None) == (pattern is None):
         raise ValueError("a stage reads one topic or one pattern")
+    health.idle.set()
     health.subscriber = broker.subscriber(
         *([topic] if topic else []),
         pattern=pattern,
+        listener=FinishBatchBeforeRebalance(health),
         group_id=group_id,
         batch=True,
         max_records=settings.consumer_batch_size,
@@ -825,6 +847,37 @@ def add_stage(
     )
     health.subscriber(consume)
     return health
+
+
+# How long a rebalance waits for the batch in hand (well under aiokafka's rebalance timeout).
+REVOKE_WAIT_SECONDS = 5.0
+
+
+class FinishBatchBeforeRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Lets the batch in hand publish and commit before the group takes its partitions
+    back, so a rebalance (another replica joining, a publisher's new topic found by the
+    ingress pattern) does not send it through the pipeline twice; a batch fetched during the
+    rebalance goes back unpublished. Committing in the revoke callback is what aiokafka's
+    coordinator keeps the member alive for."""
+
+    def __init__(self, health: StageHealth) -> None:
+        self.health = health
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.health.revoking = True
+        if not self.health.idle.is_set():
+            try:
+                await asyncio.wait_for(self.health.idle.wait(), REVOKE_WAIT_SECONDS)
+            except TimeoutError:
+                log.warning(
+                    "stage %s: the batch in hand did not finish within %.0fs of a rebalance; "
+                    "it will come back",
+                    self.health.name,
+                    REVOKE_WAIT_SECONDS,
+                )
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.health.revoking = False
 
 
 def _membership(consumer: Any) -> tuple[int, str] | None:
