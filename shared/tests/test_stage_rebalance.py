@@ -40,3 +40,16 @@ async def test_a_batch_that_does_not_finish_does_not_hold_the_group_forever(
     with caplog.at_level("WARNING"):
         await asyncio.wait_for(FinishBatchBeforeRebalance(health).on_partitions_revoked(set()), 1)
     assert "did not finish" in caplog.text
+
+
+async def test_a_new_assignment_clears_a_commit_the_old_group_refused() -> None:
+    """A broker restart can refuse the commit of the batch in hand (the member is gone), and
+    the restarted broker may have nothing left to redeliver: the stage must not stay
+    not-ready for want of a later successful commit."""
+    health = StageHealth("ingress")
+    health.failed("commit", RuntimeError("CommitFailedError"))
+    await FinishBatchBeforeRebalance(health).on_partitions_assigned(set())
+    assert health.failing is None
+    health.failed("publish", RuntimeError("KafkaTimeoutError"))
+    await FinishBatchBeforeRebalance(health).on_partitions_assigned(set())
+    assert health.failing is not None, "a failing publish is not the group's business"

@@ -878,6 +878,11 @@ class FinishBatchBeforeRebalance(ConsumerRebalanceListener):  # type: ignore[mis
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.health.revoking = False
+        if (self.health.failing or "").startswith("commit"):
+            # A commit refused by the group this member has just left: the new assignment
+            # starts from what the group has committed, and nothing may ever come again to
+            # commit (a broker that restarted empty) — it is not failing now.
+            self.health.recovered()
 
 
 def _membership(consumer: Any) -> tuple[int, str] | None:
