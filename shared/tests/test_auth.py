@@ -4,6 +4,7 @@ development-only off switch."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -265,6 +266,26 @@ async def test_the_revocation_list_is_refetched_at_most_so_often_and_fails_close
     assert await revocations.not_before("gp") == 1  # a failed refresh keeps the last list
     revocations.refresh_seconds = 3600
     assert await revocations.not_before("gp") == 1 and fetches == 3
+
+
+async def test_requests_arriving_together_all_wait_for_the_first_revocation_list() -> None:
+    # Seen in the benchmark: eight consents posted at once, the first fetching the list,
+    # the seven others answered 500 because they found no list and no refresh due.
+    release = asyncio.Event()
+    fetches = 0
+
+    async def fetch() -> dict[str, int]:
+        nonlocal fetches
+        fetches += 1
+        await release.wait()
+        return {"gp": 7}
+
+    revocations = Revocations(fetch, refresh_seconds=5)
+    waiting = [asyncio.create_task(revocations.not_before("gp")) for _ in range(8)]
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.gather(*waiting) == [7] * 8
+    assert fetches == 1
 
 
 async def test_the_remote_revocation_list_is_the_exchanges_json() -> None:

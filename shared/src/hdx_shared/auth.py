@@ -337,12 +337,17 @@ class Revocations:
         return cls(fetch, refresh_seconds)
 
     async def not_before(self, client_id: str) -> int | None:
-        if time.monotonic() - self._fetched_at >= self.refresh_seconds:
+        if self._due():
             async with self._lock:
-                if time.monotonic() - self._fetched_at >= self.refresh_seconds:
+                if self._due():
                     await self._refresh()
         assert self._revoked is not None
         return self._revoked.get(client_id)
+
+    def _due(self) -> bool:
+        # While a refresh is under way, requests go on with the last list; with none yet
+        # they wait for the first fetch (several arriving together must not see no list).
+        return self._revoked is None or time.monotonic() - self._fetched_at >= self.refresh_seconds
 
     async def _refresh(self) -> None:
         self._fetched_at = time.monotonic()
