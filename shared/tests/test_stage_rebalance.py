@@ -4,11 +4,27 @@ so another replica joining or a new publisher topic does not send a batch throug
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from collections.abc import Sequence
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from hdx_shared import messaging
-from hdx_shared.messaging import FinishBatchBeforeRebalance, StageHealth
+from hdx_shared.embedded_broker import BrokerEndpoint
+from hdx_shared.messaging import (
+    FinishBatchBeforeRebalance,
+    Inbound,
+    Outgoing,
+    StageHealth,
+    add_stage,
+    ensure_topics,
+    make_broker,
+    start_broker,
+)
+from hdx_shared.settings import HdxSettings
+from hdx_shared.topics import Topics, TopicSpec
 
 
 async def test_the_revocation_waits_for_the_batch_in_hand() -> None:
@@ -53,3 +69,108 @@ async def test_a_new_assignment_clears_a_commit_the_old_group_refused() -> None:
     health.failed("publish", RuntimeError("KafkaTimeoutError"))
     await FinishBatchBeforeRebalance(health).on_partitions_assigned(set())
     assert health.failing is not None, "a failing publish is not the group's business"
+
+
+async def _read(bootstrap: str, topic: str, count: int, wait_s: float = 30) -> list[bytes]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[bytes] = []
+    deadline = time.monotonic() + wait_s
+    try:
+        while len(out) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(r.value for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def _committed(settings: HdxSettings, group: str, topic: str, wait_s: float = 30) -> int:
+    """The group's committed offset on the topic's partition 0, once it has one."""
+    # A consumer of the group that never subscribes: it only asks the coordinator.
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            found = await reader.committed(TopicPartition(topic, 0))
+            if found is not None:
+                return int(found)
+            await asyncio.sleep(0.2)
+        return -1
+    finally:
+        await reader.stop()
+
+
+@pytest.mark.broker
+async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_twice(
+    kafka: BrokerEndpoint,
+) -> None:
+    """Seen in the benchmark (≈ 500 duplicate deliveries a run): a publisher registered while
+    the ingress handles a batch. aiokafka drops a pattern subscription's assignment as soon
+    as its metadata shows the new topic, before the rebalance; the batch's commit was then
+    refused, and the batch — already published — came through again."""
+    tag = uuid.uuid4().hex[:8]
+    topics = Topics(prefix=f"p{tag}.")
+    first, later, dst = f"p{tag}.in.a", f"p{tag}.in.b", f"p{tag}.out"
+    settings = HdxSettings(
+        kafka_bootstrap_servers=kafka.bootstrap_servers,
+        kafka_idempotence=kafka.idempotence,
+        kafka_metadata_max_age_ms=300,  # the pattern finds the new topic quickly
+        service_name="pattern-test",
+    )
+    await ensure_topics(settings, [TopicSpec(first, 1), TopicSpec(dst, 1)])
+    values = [f"m{i}".encode() for i in range(10)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        for v in values:
+            await producer.send_and_wait(first, v, headers=[("ce_id", v), ("ce_source", b"t")])
+    finally:
+        await producer.stop()
+
+    broker = make_broker(settings)
+    batches: list[int] = []
+
+    async def handler(batch: Sequence[Inbound]) -> list[Outgoing]:
+        batches.append(len(batch))
+        if len(batches) == 1:
+            # A new publisher topic appears while this batch is in hand; hold the batch
+            # until the consumer has seen it and dropped its assignment.
+            await ensure_topics(settings, [TopicSpec(later, 1)])
+            consumer = health.subscriber.consumer  # type: ignore[union-attr]
+            for _ in range(200):
+                if consumer._subscription.subscription.assignment is None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the consumer never saw the new topic")
+        return [Outgoing(dst, m.value) for m in batch]
+
+    health = add_stage(
+        broker,
+        name="ingress",
+        pattern=rf"p{tag}\.in\..*",
+        group_id=f"g{tag}",
+        handler=handler,
+        settings=settings,
+        topics=topics,
+    )
+    await start_broker(broker)
+    try:
+        got = await _read(kafka.bootstrap_servers, dst, len(values))
+        # Once the group holds the batch's offsets, a batch sent twice would already be out
+        # (publishing comes before committing).
+        assert await _committed(settings, f"g{tag}", first) == len(values)
+        await asyncio.wait_for(health.idle.wait(), 10)
+        got = await _read(kafka.bootstrap_servers, dst, len(values) + 1, wait_s=1)
+        assert sorted(got) == sorted(values), f"batches handled: {batches}"
+        assert health.failing is None
+    finally:
+        await broker.stop()

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from aiokafka import ConsumerRebalanceListener
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
@@ -818,7 +819,7 @@ def add_stage(
             log.info("stage %s: the consumer group changed during the batch; not committed", name)
             return False
         try:
-            await msg.ack()  # commits the consumer's positions: this batch and all before it
+            await commit_batch(msg, batch)
         except Exception as exc:
             # Everything is published; a later commit covers these offsets, or after a
             # rebalance the new owner handles the batch again (duplicates, never losses).
@@ -916,17 +917,44 @@ def _record_metrics(
     for kind, count in outputs.items():
         STAGE_OUTPUTS.labels(stage, kind).inc(count)
     highwater = getattr(consumer, "highwater", None)
-    if highwater is None:
+    assigned = getattr(getattr(consumer, "_subscription", None), "is_assigned", None)
+    if highwater is None or assigned is None:
         return
-    last: dict[tuple[str, int], int] = {}
-    for m in batch:
-        last[(m.topic, m.partition)] = max(m.offset, last.get((m.topic, m.partition), -1))
-    from aiokafka import TopicPartition
-
-    for (topic, partition), offset in last.items():
-        end = highwater(TopicPartition(topic, partition))
+    for tp, offset in _last_offsets(batch).items():
+        if not assigned(tp):
+            continue  # taken back meanwhile: its lag is the next owner's to report
+        end = highwater(tp)
         if end is not None:
-            CONSUMER_LAG.labels(stage, str(partition)).set(max(end - offset - 1, 0))
+            CONSUMER_LAG.labels(stage, str(tp.partition)).set(max(end - offset - 1, 0))
+
+
+def _last_offsets(batch: Sequence[Inbound]) -> dict[TopicPartition, int]:
+    last: dict[TopicPartition, int] = {}
+    for m in batch:
+        tp = TopicPartition(m.topic, m.partition)
+        last[tp] = max(m.offset, last.get(tp, -1))
+    return last
+
+
+async def commit_batch(msg: KafkaMessage, batch: Sequence[Inbound]) -> None:
+    """Commit the consumer's positions: this batch and everything before it.
+
+    One case needs more than faststream's `ack`: a pattern subscription (the ingress reads
+    every publisher's topic) that sees a new topic makes aiokafka drop the current
+    assignment at once, before the rebalance starts — so `commit()` refuses ("No partitions
+    assigned") and the batch, already published, would come through again. The member and
+    its generation stay the group's until `FinishBatchBeforeRebalance` lets the rebalance go
+    on, so the batch's own offsets are committed through the group coordinator directly; a
+    group that has moved on refuses them (CommitFailedError), as it would any late commit."""
+    consumer: Any = getattr(msg, "consumer", None)
+    subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
+    coordinator = getattr(consumer, "_coordinator", None)
+    if subscription is None or subscription.assignment is not None or coordinator is None:
+        await msg.ack()
+        return
+    offsets = {tp: OffsetAndMetadata(o + 1, "") for tp, o in _last_offsets(batch).items()}
+    await coordinator.commit_offsets(None, offsets)
+    await KafkaMessage.ack(msg)  # marks it done for faststream, without a second commit
 
 
 async def _isolate_poison(
