@@ -19,10 +19,12 @@ from hdx_patient_index.domain.em import (
     estimate_model,
     estimate_u,
     exact_agreement,
+    household_lifted,
     random_pairs,
     term_frequencies,
     with_exact,
 )
+from hdx_patient_index.domain.matching import Hold
 from hdx_patient_index.domain.weights import (
     DEFAULT_WEIGHTS,
     PRIOR_PROBABILITIES,
@@ -356,3 +358,66 @@ def test_a_broken_model_document_is_refused_saying_what_is_wrong(change: str, me
 def test_text_that_is_not_a_model_is_refused(text: bytes) -> None:
     with pytest.raises(ModelError):
         MatchModel.loads(text)
+
+
+def _evidence(
+    agreeing: float, shaped: float, anchor_agreeing: float, anchor_shaped: float
+) -> dict[str, float]:
+    return {
+        "pairs_agreeing": agreeing,
+        "pairs_shaped": shaped,
+        "anchor_agreeing": anchor_agreeing,
+        "anchor_shaped": anchor_shaped,
+    }
+
+
+@pytest.mark.parametrize(
+    ("evidence", "lifted"),
+    [
+        # 1 in 10 of a person's own records differ in the given name: of 200 pairs born
+        # together at one home, 20 twin-shaped pairs would be one person's records.
+        (_evidence(200, 22, 1000, 100), True),
+        (_evidence(200, 28, 1000, 100), True),  # within two Poisson deviations (20 + 8.9)
+        (_evidence(200, 30, 1000, 100), False),
+        (_evidence(200, 60, 1000, 100), False),  # twins: more than the records explain
+        (_evidence(3600, 250, 4000, 35), False),  # the synthetic set's twins
+        (_evidence(50, 5, 1000, 100), False),  # too few pairs to show twins either way
+        (_evidence(200, 0, 0, 0), False),  # no identifier shared: nothing to compare with
+        (_evidence(200, 1, 1000, 0), False),  # a person's records never look so; one does
+    ],
+)
+def test_a_hard_negative_rule_is_lifted_only_when_the_data_show_no_need_for_it(
+    evidence: dict[str, float], lifted: bool
+) -> None:
+    assert household_lifted(evidence) is lifted
+
+
+def test_lifted_holds_come_from_the_model_and_undated_goes_with_generation() -> None:
+    base = prior_model()
+    assert base.lifted_holds() == frozenset()  # no household evidence: every rule holds
+    clear = _evidence(200, 22, 1000, 100)
+    twins = _evidence(200, 80, 1000, 100)
+    model = MatchModel(
+        base.m, base.u, base.match_proportion, household={"twin": clear, "generation": twins}
+    )
+    assert model.lifted_holds() == {Hold.TWIN}
+    model = MatchModel(
+        base.m, base.u, base.match_proportion, household={"twin": twins, "generation": clear}
+    )
+    assert model.lifted_holds() == {Hold.GENERATION, Hold.UNDATED}
+    assert MatchModel.loads(model.dumps()) == model
+    doc = orjson.loads(model.dumps())
+    doc["household"] = {"cousin": clear}
+    with pytest.raises(ModelError, match="unknown rule"):
+        MatchModel.from_json(doc)
+    doc["household"] = {"twin": {"pairs_shaped": -1}}
+    with pytest.raises(ModelError, match="negative"):
+        MatchModel.from_json(doc)
+
+
+def test_a_model_counts_household_evidence_from_the_records() -> None:
+    model = estimate_model(_people(600, seed=2), seed=9, n_random_pairs=5_000)
+    assert set(model.household) == {"twin", "generation"}
+    # No identifiers in these records: nothing shows how a person's own records differ.
+    assert model.household["twin"]["anchor_agreeing"] == 0
+    assert model.lifted_holds() == frozenset()
