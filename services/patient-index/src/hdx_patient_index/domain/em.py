@@ -606,6 +606,59 @@ def _term_frequencies(f: str, tf: Any) -> TermFrequencies:
     )
 
 
+# Fields whose u is not corrected for the matches among random pairs (`without_matches`):
+# corrected, the birth date's exact agreement weighs 2–4 bits more, and on HDX's synthetic
+# set namesakes (a common name and the same birth date, elsewhere) are linked five times
+# as often (docs/performance.md).
+UNCORRECTED_U = frozenset({Field.BIRTH_DATE})
+
+
+def random_match_rate(
+    records: int, sessions: Sequence[Mapping[str, Any]], m_birth_exact: float
+) -> float:
+    """The chance that two records drawn at random are one person's, from the data alone:
+    the birth-date session's matches (λ × its pairs: the matches that share a birth date),
+    divided by the share of matches that do (m of an exact birth date), over all pairs."""
+    possible = records * (records - 1) / 2
+    for run in sessions:
+        if run["keys"] == "d:" and possible > 0 and m_birth_exact > 0:
+            matches = run["match_proportion"] * run["pairs"] / m_birth_exact
+            return min(max(matches / possible, 0.0), 0.5)
+    return 0.0
+
+
+def without_matches(
+    u: Mapping[Field, Mapping[Level, float]],
+    m: Mapping[Field, Mapping[Level, float]],
+    rate: float,
+    random_pairs: int,
+    priors: ProbabilityTable = PRIOR_PROBABILITIES,
+    prior_pairs: float = U_PRIOR_PAIRS,
+    fields: Iterable[Field] | None = None,
+) -> dict[Field, dict[Level, float]]:
+    """u with the matches among the random pairs taken out. A random pair is one person's
+    with probability ``rate`` (`random_match_rate`), so what random pairs show is
+    rate × m + (1 − rate) × u: for a level strangers almost never reach (the same
+    identifier value) most of the agreement seen comes from matches, and u comes out many
+    times too high. u = (seen − rate × m) / (1 − rate), never below the priors'
+    pseudo-count share (what u is when no random pair shows the level), renormalised."""
+    out = {f: dict(levels) for f, levels in u.items()}
+    if rate <= 0:
+        return out
+    for f in fields if fields is not None else list(out):
+        levels, matched, prior = out.get(f), m.get(f), priors.get(f)
+        if levels is None or matched is None or prior is None:
+            continue
+        prior_total = sum(p[1] for p in prior.values())
+        for level in levels:
+            floor = prior_pairs * prior[level][1] / prior_total / (random_pairs + prior_pairs)
+            seen = levels[level] - rate * matched.get(level, 0.0)
+            levels[level] = max(seen / (1.0 - rate), floor)
+        total = sum(levels.values())
+        out[f] = {level: p / total for level, p in levels.items()}
+    return out
+
+
 def estimate_model(
     records: Sequence[Demographics],
     *,
@@ -674,6 +727,16 @@ def estimate_model(
         else {lv: p[1] for lv, p in levels.items()}
         for f, levels in start.items()
     }
+    rate = random_match_rate(len(records), runs, m.get(Field.BIRTH_DATE, {}).get(Level.EXACT, 0.0))
+    u_final = without_matches(
+        u_final,
+        m,
+        rate,
+        len(rand),
+        priors,
+        em.u_prior_pairs,
+        [f for f in u_final if f not in UNCORRECTED_U],
+    )
     tf = term_frequencies(records, {f: m[f][Level.EXACT] for f in TERM_VALUES if f in m})
     weights = [r["match_proportion"] * r["pairs"] for r in runs]
     return MatchModel(
@@ -684,6 +747,8 @@ def estimate_model(
         training={
             "records": len(records),
             "random_pairs": len(rand),
+            "random_pair_match_rate": rate,
+            "u_corrected_for_matches": sorted(str(f) for f in u_final if f not in UNCORRECTED_U),
             "sessions": runs,
             "seed": seed,
             "m_prior_pairs": em.m_prior_pairs,
