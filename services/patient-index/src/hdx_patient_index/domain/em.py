@@ -622,7 +622,7 @@ def random_match_rate(
     possible = records * (records - 1) / 2
     for run in sessions:
         if run["keys"] == "d:" and possible > 0 and m_birth_exact > 0:
-            matches = run["match_proportion"] * run["pairs"] / m_birth_exact
+            matches = float(run["match_proportion"]) * float(run["pairs"]) / m_birth_exact
             return min(max(matches / possible, 0.0), 0.5)
     return 0.0
 
