@@ -13,8 +13,10 @@ the right tasks would reach.
 The matcher runs on a `MatchModel` estimated from the same records by EM (u from random
 pairs, m by EM over blocked pairs, the documented priors of weights.py as Dirichlet
 pseudo-counts, term frequencies of names) and on thresholds from the population's size
-(`MatchConfig.for_population`: link at a 99 % posterior, review from 1 %). Truth labels are
-read only to score the result.
+(`MatchConfig.for_population`: link at a 99 % posterior, review from 1 %), with the
+hard-negative rules the model's household evidence lifts (`MatchModel.lifted_holds`: none
+on the synthetic set, which has twins and parents and children of one name). Truth labels
+are read only to score the result.
 
 Data sets
 
