@@ -13,8 +13,10 @@ the right tasks would reach.
 The matcher runs on a `MatchModel` estimated from the same records by EM (u from random
 pairs, m by EM over blocked pairs, the documented priors of weights.py as Dirichlet
 pseudo-counts, term frequencies of names) and on thresholds from the population's size
-(`MatchConfig.for_population`: link at a 99 % posterior, review from 1 %). Truth labels are
-read only to score the result.
+(`MatchConfig.for_population`: link at a 99 % posterior, review from 1 %), with the
+hard-negative rules the model's household evidence lifts (`MatchModel.lifted_holds`: none
+on the synthetic set, which has twins and parents and children of one name). Truth labels
+are read only to score the result.
 
 Data sets
 
@@ -318,7 +320,9 @@ def run_hdx(data: LabelledRecords, seed: int) -> tuple[dict[str, Any], MatchMode
     t0 = time.perf_counter()
     model = estimate_model(demos, seed=seed)
     train_seconds = time.perf_counter() - t0
-    config = MatchConfig.for_population(len(demos), model.weights())
+    config = MatchConfig.for_population(
+        len(demos), model.weights(), lifted_holds=model.lifted_holds()
+    )
     run = link_all(keys, demos, config)
     result = scores(predicted_pairs(run.person_of), data.true_pairs)
     result["review"] = review_coverage(run, keys, data.true_pairs)
@@ -339,6 +343,8 @@ def run_hdx(data: LabelledRecords, seed: int) -> tuple[dict[str, Any], MatchMode
             },
             "decisions": dict(sorted(run.decisions.items())),
             "held_for_review": dict(sorted(run.holds.items())),
+            "household_evidence": {k: dict(v) for k, v in model.household.items()},
+            "lifted_holds": sorted(str(h) for h in config.lifted_holds),
             "model": {
                 "training": model.training,
                 "weights": {
@@ -402,8 +408,8 @@ def run_latency(persons: int, queries: int, seed: int, model: MatchModel | None)
     build_seconds = time.perf_counter() - t0
     weights = model.weights() if model is not None else None
     config = (
-        MatchConfig.for_population(persons, weights)
-        if weights is not None
+        MatchConfig.for_population(persons, weights, lifted_holds=model.lifted_holds())
+        if weights is not None and model is not None
         else MatchConfig.for_population(persons)
     )
     matcher = CountingMatcher(config)
@@ -695,6 +701,10 @@ def print_dataset(name: str, notes: str, results: dict[str, Any]) -> None:
         f"thresholds {hdx['thresholds']['upper']:.1f}/{hdx['thresholds']['lower']:.1f}"
     )
     print(f"  {'':<16} decisions {hdx['decisions']}  held for review {hdx['held_for_review']}")
+    print(
+        f"  {'':<16} household evidence {hdx['household_evidence']}; "
+        f"rules lifted {hdx['lifted_holds'] or 'none'}"
+    )
     rv = hdx["review"]
     print(
         f"  {'':<16} missed pairs {rv['missed_pairs']}: {rv['missed_pairs_in_review']} in a "

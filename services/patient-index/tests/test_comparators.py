@@ -66,6 +66,9 @@ def test_family_partial_on_a_maiden_name() -> None:
         ("Jonathon", "Jonathan", Level.FUZZY_HIGH),
         ("Stephen", "Steven", Level.PHONETIC),
         ("Katharine", "Kathryn", Level.PHONETIC),
+        ("Finlay", "Finlhy", Level.FUZZY_HIGH),  # one typo: Jaro–Winkler 0.93
+        ("Aaron", "Baron", Level.FUZZY_HIGH),  # five letters, the first wrong: 0.87
+        ("Tom", "Tim", Level.PHONETIC),  # shorter names one letter apart: not a typo level
         ("A", "Ada", Level.INITIAL),
         (["Mary", "Ada"], ["Ada"], Level.PARTIAL),  # the middle name used as the first
         ("Ada", "Grace", Level.DISAGREE),

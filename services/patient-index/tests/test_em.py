@@ -19,10 +19,14 @@ from hdx_patient_index.domain.em import (
     estimate_model,
     estimate_u,
     exact_agreement,
+    household_lifted,
+    random_match_rate,
     random_pairs,
     term_frequencies,
     with_exact,
+    without_matches,
 )
+from hdx_patient_index.domain.matching import Hold
 from hdx_patient_index.domain.weights import (
     DEFAULT_WEIGHTS,
     PRIOR_PROBABILITIES,
@@ -356,3 +360,102 @@ def test_a_broken_model_document_is_refused_saying_what_is_wrong(change: str, me
 def test_text_that_is_not_a_model_is_refused(text: bytes) -> None:
     with pytest.raises(ModelError):
         MatchModel.loads(text)
+
+
+def _evidence(
+    agreeing: float, shaped: float, anchor_agreeing: float, anchor_shaped: float
+) -> dict[str, float]:
+    return {
+        "pairs_agreeing": agreeing,
+        "pairs_shaped": shaped,
+        "anchor_agreeing": anchor_agreeing,
+        "anchor_shaped": anchor_shaped,
+    }
+
+
+@pytest.mark.parametrize(
+    ("evidence", "lifted"),
+    [
+        # 1 in 10 of a person's own records differ in the given name: of 200 pairs born
+        # together at one home, 20 twin-shaped pairs would be one person's records.
+        (_evidence(200, 22, 1000, 100), True),
+        (_evidence(200, 28, 1000, 100), True),  # within two Poisson deviations (20 + 8.9)
+        (_evidence(200, 30, 1000, 100), False),
+        (_evidence(200, 60, 1000, 100), False),  # twins: more than the records explain
+        (_evidence(3600, 250, 4000, 35), False),  # the synthetic set's twins
+        (_evidence(50, 5, 1000, 100), False),  # too few pairs to show twins either way
+        (_evidence(200, 0, 0, 0), False),  # no identifier shared: nothing to compare with
+        (_evidence(200, 1, 1000, 0), False),  # a person's records never look so; one does
+    ],
+)
+def test_a_hard_negative_rule_is_lifted_only_when_the_data_show_no_need_for_it(
+    evidence: dict[str, float], lifted: bool
+) -> None:
+    assert household_lifted(evidence) is lifted
+
+
+def test_lifted_holds_come_from_the_model_and_undated_goes_with_generation() -> None:
+    base = prior_model()
+    assert base.lifted_holds() == frozenset()  # no household evidence: every rule holds
+    clear = _evidence(200, 22, 1000, 100)
+    twins = _evidence(200, 80, 1000, 100)
+    model = MatchModel(
+        base.m, base.u, base.match_proportion, household={"twin": clear, "generation": twins}
+    )
+    assert model.lifted_holds() == {Hold.TWIN}
+    model = MatchModel(
+        base.m, base.u, base.match_proportion, household={"twin": twins, "generation": clear}
+    )
+    assert model.lifted_holds() == {Hold.GENERATION, Hold.UNDATED}
+    assert MatchModel.loads(model.dumps()) == model
+    doc = orjson.loads(model.dumps())
+    doc["household"] = {"cousin": clear}
+    with pytest.raises(ModelError, match="unknown rule"):
+        MatchModel.from_json(doc)
+    doc["household"] = {"twin": {"pairs_shaped": -1}}
+    with pytest.raises(ModelError, match="negative"):
+        MatchModel.from_json(doc)
+
+
+def test_a_model_counts_household_evidence_from_the_records() -> None:
+    model = estimate_model(_people(600, seed=2), seed=9, n_random_pairs=5_000)
+    assert set(model.household) == {"twin", "generation"}
+    # No identifiers in these records: nothing shows how a person's own records differ.
+    assert model.household["twin"]["anchor_agreeing"] == 0
+    assert model.lifted_holds() == frozenset()
+
+
+def test_u_without_the_matches_among_random_pairs() -> None:
+    # 1 random pair in 10,000 is one person's; strangers share an identifier 1 in 10^7.
+    rate = 1e-4
+    m = {F.IDENTIFIER: {L.EXACT: 0.9, L.ONE_DIGIT: 0.05, L.DISAGREE: 0.05}}
+    true_u = {L.EXACT: 1e-7, L.ONE_DIGIT: 1e-6, L.DISAGREE: 1 - 1.1e-6}
+    seen = {lv: rate * m[F.IDENTIFIER][lv] + (1 - rate) * true_u[lv] for lv in true_u}
+    fixed = without_matches({F.IDENTIFIER: seen}, m, rate, 10**9, prior_pairs=1.0)
+    for lv, u in true_u.items():
+        assert fixed[F.IDENTIFIER][lv] == pytest.approx(u, rel=1e-3)
+    # Never below the priors' pseudo-count share; a field left out is left alone.
+    tiny = without_matches({F.IDENTIFIER: seen}, m, 0.01, 30_000)[F.IDENTIFIER][L.EXACT]
+    prior = PRIOR_PROBABILITIES[F.IDENTIFIER]
+    assert tiny == pytest.approx(
+        1_000 * prior[L.EXACT][1] / sum(p[1] for p in prior.values()) / 31_000, rel=1e-2
+    )
+    assert without_matches({F.IDENTIFIER: seen}, m, rate, 30_000, fields=[])[F.IDENTIFIER] == seen
+    assert without_matches({F.IDENTIFIER: seen}, m, 0.0, 30_000)[F.IDENTIFIER] == seen
+
+
+def test_the_random_match_rate_comes_from_the_birth_date_session() -> None:
+    sessions = [
+        {"keys": "d:", "match_proportion": 0.5, "pairs": 900},
+        {"keys": "n:", "match_proportion": 0.9, "pairs": 10},
+    ]
+    # 450 matches share a birth date, 90 % of matches do: 500 of 1000 × 999 / 2 pairs.
+    assert random_match_rate(1000, sessions, 0.9) == pytest.approx(500 / 499_500)
+    assert random_match_rate(1000, sessions[1:], 0.9) == 0.0
+
+
+def test_a_model_records_the_random_match_rate_and_keeps_the_birth_date_u() -> None:
+    model = estimate_model(_people(600, seed=2), seed=9, n_random_pairs=5_000)
+    assert 0 < model.training["random_pair_match_rate"] < 0.01
+    assert "birth_date" not in model.training["u_corrected_for_matches"]
+    assert "identifier" in model.training["u_corrected_for_matches"]

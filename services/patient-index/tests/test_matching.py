@@ -21,7 +21,10 @@ from hdx_patient_index.domain.matching import (
     MatchConfig,
     Matcher,
     ReviewReason,
+    Shape,
+    anchor_shapes,
     hold,
+    household_shapes,
     trusted_conflict,
 )
 
@@ -461,3 +464,46 @@ def test_the_matcher_weighs_swapped_names_as_agreeing_names_not_more() -> None:
     exact, _ = Matcher().weigh(right, right)
     assert levels[Field.FAMILY] is Level.TRANSPOSED
     assert weight == pytest.approx(exact)
+
+
+@pytest.mark.parametrize(
+    ("other", "rule"),
+    [
+        (person("augusta", "1815-12-10"), Hold.TWIN),
+        (person("ada", "1790-03-01"), Hold.GENERATION),
+        (person("ada", None), Hold.UNDATED),
+    ],
+)
+def test_a_lifted_rule_does_not_hold_and_the_others_still_do(
+    other: Demographics, rule: Hold
+) -> None:
+    ada = person("ada", "1815-12-10")
+    assert hold(ada, other, compare(ada, other), frozenset({rule})) is None
+    lifted = Matcher(MatchConfig(upper=1.0, lower=0.0, lifted_holds=frozenset({rule})))
+    assert lifted.decide(other, index_with(("P1", ada))).person_id == "P1"
+    # Lifting another rule changes nothing for this one.
+    others = frozenset(Hold) - {rule}
+    strict = Matcher(MatchConfig(upper=1.0, lower=0.0, lifted_holds=others))
+    decision = strict.decide(other, index_with(("P1", ada)))
+    assert decision.person_id is None and decision.review[0].candidate.hold is rule
+
+
+def test_household_shapes_of_pairs_at_one_home() -> None:
+    ada = person("ada", "1815-12-10")
+    assert household_shapes(ada, person("ada", "1815-12-10"), compare(ada, ada)) == {
+        Shape.BORN_TOGETHER,
+        Shape.NAMED_ALIKE,
+    }
+    twin = person("augusta", "1815-12-10")
+    assert household_shapes(ada, twin, compare(ada, twin)) == {Shape.TWIN}
+    mother = person("ada", "1790-03-01")
+    assert household_shapes(ada, mother, compare(ada, mother)) == {Shape.GENERATION}
+    # A shared identifier value: one person, not evidence about households.
+    same, ada7 = person("augusta", "1815-12-10", mrn="7"), person("ada", "1815-12-10", mrn="7")
+    assert household_shapes(ada7, same, compare(ada7, same)) == set()
+    # Elsewhere: not a household.
+    away = replace(twin, addresses=("1 other rd",), postcodes=("LS11AB",), phones=())
+    assert household_shapes(ada, away, compare(ada, away)) == set()
+    # The same pairs sharing an identifier: what a person's own records look like.
+    assert anchor_shapes(ada, twin, compare(ada, twin)) == {Shape.TWIN}
+    assert anchor_shapes(ada, mother, compare(ada, mother)) == {Shape.GENERATION}

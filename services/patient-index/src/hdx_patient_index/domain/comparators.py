@@ -105,6 +105,20 @@ def compare_family(a: Demographics, b: Demographics) -> Level:
     return level
 
 
+MIN_TYPO_LENGTH = 5
+
+
+def one_typo(a: str, b: str) -> bool:
+    """Names at least MIN_TYPO_LENGTH long one typo apart (a letter wrong, missing or
+    extra, or two swapped): Jaro–Winkler puts some of them under JW_HIGH (a typo early in
+    a name costs it the prefix bonus)."""
+    return (
+        min(len(a), len(b)) >= MIN_TYPO_LENGTH
+        and abs(len(a) - len(b)) <= 1
+        and jellyfish.damerau_levenshtein_distance(a, b) <= 1
+    )
+
+
 def compare_given(a: Demographics, b: Demographics) -> Level:
     ga, gb = a.first_given, b.first_given
     if not ga or not gb:
@@ -114,6 +128,8 @@ def compare_given(a: Demographics, b: Demographics) -> Level:
     if not given_name_forms(ga).isdisjoint(given_name_forms(gb)):
         return Level.NICKNAME
     level = compare_strings(ga, gb)
+    if level is not Level.FUZZY_HIGH and one_typo(ga, gb):
+        return Level.FUZZY_HIGH
     if level in (Level.FUZZY_HIGH, Level.PHONETIC):
         return level
     if (len(ga) == 1 or len(gb) == 1) and ga[0] == gb[0]:

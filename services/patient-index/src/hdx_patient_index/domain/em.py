@@ -54,6 +54,7 @@ import orjson
 from hdx_patient_index.domain.blocking import index_keys
 from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.matching import Hold, Shape, anchor_shapes, household_shapes
 from hdx_patient_index.domain.weights import (
     PRIOR_PROBABILITIES,
     TERM_VALUES,
@@ -80,6 +81,21 @@ SESSIONS: tuple[tuple[str, frozenset[Field]], ...] = (
 )
 
 LevelCounts = dict[Field, dict[Level, float]]
+
+# Household evidence (`household_lifted`): a hard-negative rule is lifted only when the
+# data hold at least this many pairs of the agreeing shape (enough for twins or
+# generations to show if the population has them) ...
+MIN_HOUSEHOLD_PAIRS = 100
+# ... and no more pairs of the rule's shape than a person's own records explain, within
+# this many standard deviations of a Poisson count.
+HOUSEHOLD_SIGMAS = 2.0
+MAX_ANCHOR_GROUP = 50  # records sharing one identifier value; bigger groups are left out
+
+# hold → (the session whose pairs show it, the shape that agrees, the rule's own shape)
+HOUSEHOLD_TESTS: Mapping[Hold, tuple[str, Shape, Shape]] = {
+    Hold.TWIN: ("d:", Shape.BORN_TOGETHER, Shape.TWIN),
+    Hold.GENERATION: ("n:", Shape.NAMED_ALIKE, Shape.GENERATION),
+}
 
 
 def _canonical(levels: Mapping[Field, Level], table: ProbabilityTable) -> tuple[Level, ...]:
@@ -321,6 +337,70 @@ def term_frequencies(
     return out
 
 
+def _share_trusted(a: Demographics, b: Demographics) -> bool:
+    return bool(a.trusted and b.trusted) and not {
+        (x.system, x.value) for x in a.trusted
+    }.isdisjoint((y.system, y.value) for y in b.trusted)
+
+
+def anchor_counts(
+    records: Sequence[Demographics], max_group: int = MAX_ANCHOR_GROUP
+) -> Counter[Shape]:
+    """The shapes (`anchor_shapes`) of the pairs of records that share an identifier value
+    of one system, trusted or not: one person's records, since family members never share
+    one. Their given names and birth dates show how often a person's own records look like
+    twins or generations."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, d in enumerate(records):
+        for x in (*d.identifiers, *d.trusted):
+            if x.system:
+                groups.setdefault((x.system, x.value), []).append(i)
+    pairs: set[tuple[int, int]] = set()
+    for group in groups.values():
+        if 1 < len(group) <= max_group:
+            pairs.update(itertools.combinations(group, 2))
+    counts: Counter[Shape] = Counter()
+    for i, j in sorted(pairs):
+        a, b = records[i], records[j]
+        counts.update(anchor_shapes(a, b, compare(a, b)))
+    return counts
+
+
+def household_counts(
+    records: Sequence[Demographics],
+    pairs: Iterable[tuple[int, int]],
+    comparisons: Iterable[Mapping[Field, Level]],
+) -> Counter[Shape]:
+    """The shapes (`household_shapes`) of blocked pairs of records in one home that no
+    identifier value ties together."""
+    counts: Counter[Shape] = Counter()
+    for (i, j), levels in zip(pairs, comparisons, strict=True):
+        a, b = records[i], records[j]
+        if not _share_trusted(a, b):
+            counts.update(household_shapes(a, b, levels))
+    return counts
+
+
+def household_lifted(evidence: Mapping[str, float]) -> bool:
+    """Do the counts show the rule's shape no more often than one person's own records
+    explain? ``evidence`` (one entry of `MatchModel.household`): ``pairs_agreeing`` and
+    ``pairs_shaped``, the home's pairs that agree (the same name, or born together) and
+    those of the rule's shape (twins: another given name; generations: birth years 12 or
+    more apart); ``anchor_agreeing`` and ``anchor_shaped``, the same among the pairs that
+    share an identifier value. Expected of one person's records: pairs_agreeing ×
+    anchor_shaped / anchor_agreeing. Lifted when pairs_shaped is within HOUSEHOLD_SIGMAS
+    Poisson deviations of that, and there are at least MIN_HOUSEHOLD_PAIRS agreeing pairs
+    (enough for twins or generations to show if the population has them)."""
+    agreeing = evidence.get("pairs_agreeing", 0.0)
+    shaped = evidence.get("pairs_shaped", math.inf)
+    anchor_agreeing = evidence.get("anchor_agreeing", 0.0)
+    anchor_shaped = evidence.get("anchor_shaped", 0.0)
+    if agreeing < MIN_HOUSEHOLD_PAIRS or anchor_agreeing <= 0:
+        return False
+    expected = agreeing * anchor_shaped / anchor_agreeing
+    return shaped <= expected + HOUSEHOLD_SIGMAS * math.sqrt(expected)
+
+
 @dataclass(frozen=True)
 class MatchModel:
     """Estimated m and u per field and level, term frequencies, and how they were got."""
@@ -331,6 +411,22 @@ class MatchModel:
     term_frequencies: Mapping[Field, TermFrequencies] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)  # counts, seed, convergence
     version: int = MODEL_VERSION
+    # Per hard-negative rule (twin, generation): the counts `household_lifted` decides on.
+    # Empty (a model written before it existed): every rule holds.
+    household: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def lifted_holds(self) -> frozenset[Hold]:
+        """The hard-negative rules the data showed no need for (`household_lifted`), for
+        `MatchConfig.lifted_holds`. Without generations of one name in the data, a record
+        without a birth date has nobody to be confused with: UNDATED goes with GENERATION."""
+        out = {
+            hold
+            for hold in HOUSEHOLD_TESTS
+            if (evidence := self.household.get(str(hold))) and household_lifted(evidence)
+        }
+        if Hold.GENERATION in out:
+            out.add(Hold.UNDATED)
+        return frozenset(out)
 
     def probabilities(self) -> dict[Field, dict[Level, tuple[float, float]]]:
         return {
@@ -353,6 +449,7 @@ class MatchModel:
                 for f, tf in self.term_frequencies.items()
             },
             "training": dict(self.training),
+            "household": {k: dict(v) for k, v in self.household.items()},
         }
 
     @classmethod
@@ -395,6 +492,7 @@ class MatchModel:
             match_proportion=lam,
             term_frequencies={_term_field(f): _term_frequencies(f, tf) for f, tf in tfs.items()},
             training=dict(training),
+            household=_household(doc.get("household", {})),
         )
 
     def dumps(self) -> bytes:
@@ -468,6 +566,25 @@ def _table(doc: Mapping[str, Any], key: str) -> dict[Field, dict[Level, float]]:
     return out
 
 
+def _household(doc: Any) -> dict[str, dict[str, float]]:
+    if not isinstance(doc, Mapping):
+        raise ModelError("household is a JSON object")
+    known = {str(h) for h in HOUSEHOLD_TESTS}
+    out: dict[str, dict[str, float]] = {}
+    for rule, counts in doc.items():
+        if rule not in known:
+            raise ModelError(f"household: unknown rule {rule!r}")
+        if not isinstance(counts, Mapping):
+            raise ModelError(f"household.{rule}: not a JSON object of counts")
+        out[rule] = {}
+        for key, value in counts.items():
+            n = _number(value, f"household.{rule}.{key}")
+            if n < 0:
+                raise ModelError(f"household.{rule}.{key}: {n} is negative")
+            out[rule][str(key)] = n
+    return out
+
+
 def _term_field(f: Any) -> Field:
     try:
         field_ = Field(f)
@@ -487,6 +604,59 @@ def _term_frequencies(f: str, tf: Any) -> TermFrequencies:
         {str(v): _probability(s, f"{where}.shares.{v}") for v, s in tf["shares"].items()},
         _probability(tf.get("floor"), f"{where}.floor"),
     )
+
+
+# Fields whose u is not corrected for the matches among random pairs (`without_matches`):
+# corrected, the birth date's exact agreement weighs 2–4 bits more, and on HDX's synthetic
+# set namesakes (a common name and the same birth date, elsewhere) are linked five times
+# as often (docs/performance.md).
+UNCORRECTED_U = frozenset({Field.BIRTH_DATE})
+
+
+def random_match_rate(
+    records: int, sessions: Sequence[Mapping[str, Any]], m_birth_exact: float
+) -> float:
+    """The chance that two records drawn at random are one person's, from the data alone:
+    the birth-date session's matches (λ × its pairs: the matches that share a birth date),
+    divided by the share of matches that do (m of an exact birth date), over all pairs."""
+    possible = records * (records - 1) / 2
+    for run in sessions:
+        if run["keys"] == "d:" and possible > 0 and m_birth_exact > 0:
+            matches = float(run["match_proportion"]) * float(run["pairs"]) / m_birth_exact
+            return min(max(matches / possible, 0.0), 0.5)
+    return 0.0
+
+
+def without_matches(
+    u: Mapping[Field, Mapping[Level, float]],
+    m: Mapping[Field, Mapping[Level, float]],
+    rate: float,
+    random_pairs: int,
+    priors: ProbabilityTable = PRIOR_PROBABILITIES,
+    prior_pairs: float = U_PRIOR_PAIRS,
+    fields: Iterable[Field] | None = None,
+) -> dict[Field, dict[Level, float]]:
+    """u with the matches among the random pairs taken out. A random pair is one person's
+    with probability ``rate`` (`random_match_rate`), so what random pairs show is
+    rate × m + (1 − rate) × u: for a level strangers almost never reach (the same
+    identifier value) most of the agreement seen comes from matches, and u comes out many
+    times too high. u = (seen − rate × m) / (1 − rate), never below the priors'
+    pseudo-count share (what u is when no random pair shows the level), renormalised."""
+    out = {f: dict(levels) for f, levels in u.items()}
+    if rate <= 0:
+        return out
+    for f in fields if fields is not None else list(out):
+        levels, matched, prior = out.get(f), m.get(f), priors.get(f)
+        if levels is None or matched is None or prior is None:
+            continue
+        prior_total = sum(p[1] for p in prior.values())
+        for level in levels:
+            floor = prior_pairs * prior[level][1] / prior_total / (random_pairs + prior_pairs)
+            seen = levels[level] - rate * matched.get(level, 0.0)
+            levels[level] = max(seen / (1.0 - rate), floor)
+        total = sum(levels.values())
+        out[f] = {level: p / total for level, p in levels.items()}
+    return out
 
 
 def estimate_model(
@@ -511,9 +681,22 @@ def estimate_model(
     u_sum: dict[Field, dict[Level, float]] = {}
     estimated: Counter[Field] = Counter()
     runs: list[dict[str, Any]] = []
+    anchors = anchor_counts(records)
+    household: dict[str, dict[str, float]] = {}
     for prefix, conditioned in sessions:
         pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng)
-        result = em.fit((compare(records[i], records[j]) for i, j in pairs), start, conditioned)
+        comparisons = [compare(records[i], records[j]) for i, j in pairs]
+        result = em.fit(comparisons, start, conditioned)
+        tests = [(h, t) for h, t in HOUSEHOLD_TESTS.items() if t[0] == prefix]
+        if tests:
+            shapes = household_counts(records, pairs, comparisons)
+            for hold, (_, agreeing, shaped) in tests:
+                household[str(hold)] = {
+                    "pairs_agreeing": shapes[agreeing],
+                    "pairs_shaped": shapes[shaped],
+                    "anchor_agreeing": anchors[agreeing],
+                    "anchor_shaped": anchors[shaped],
+                }
         for f, levels in result.probabilities.items():
             if f in conditioned:
                 continue
@@ -544,6 +727,16 @@ def estimate_model(
         else {lv: p[1] for lv, p in levels.items()}
         for f, levels in start.items()
     }
+    rate = random_match_rate(len(records), runs, m.get(Field.BIRTH_DATE, {}).get(Level.EXACT, 0.0))
+    u_final = without_matches(
+        u_final,
+        m,
+        rate,
+        len(rand),
+        priors,
+        em.u_prior_pairs,
+        [f for f in u_final if f not in UNCORRECTED_U],
+    )
     tf = term_frequencies(records, {f: m[f][Level.EXACT] for f in TERM_VALUES if f in m})
     weights = [r["match_proportion"] * r["pairs"] for r in runs]
     return MatchModel(
@@ -554,10 +747,13 @@ def estimate_model(
         training={
             "records": len(records),
             "random_pairs": len(rand),
+            "random_pair_match_rate": rate,
+            "u_corrected_for_matches": sorted(str(f) for f in u_final if f not in UNCORRECTED_U),
             "sessions": runs,
             "seed": seed,
             "m_prior_pairs": em.m_prior_pairs,
             "u_prior_pairs": em.u_prior_pairs,
             "u_estimated_by_em": em.estimate_u,
         },
+        household=household,
     )

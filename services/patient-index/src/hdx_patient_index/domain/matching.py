@@ -33,6 +33,10 @@
    as a mobile, which stays with its owner). A mobile does not lift a twin or generation
    contradiction, though: a child's record often carries a parent's mobile.
    `MatchConfig.hard_negatives=False` turns all of this off (to measure what it costs).
+   A rule in `MatchConfig.lifted_holds` does not hold: the model lifts the twin rule, or
+   the generation rule (and with it UNDATED), only when its data show no such pairs
+   beyond what a person's own records explain (`MatchModel.lifted_holds`, domain/em.py:
+   a population without twins or parents and children of one name, such as FEBRL's).
 
 Grades follow FHIR's match-grade extension (certain | probable | possible | certainly-not).
 """
@@ -109,6 +113,9 @@ class MatchConfig:
     hard_negatives: bool = True  # hold twins and parent/child pairs for review (`hold`)
     # A probable link needs a clear winner: another person this close (log2) holds both.
     ambiguity_margin: float = AMBIGUITY_MARGIN
+    # Holds the data showed no need for (`MatchModel.lifted_holds`, domain/em.py): a pair
+    # of that shape is weighed like any other. Empty (the default): every rule holds.
+    lifted_holds: frozenset[Hold] = frozenset()
 
     def __post_init__(self) -> None:
         if self.lower > self.upper:
@@ -122,6 +129,7 @@ class MatchConfig:
         link_probability: float = LINK_PROBABILITY,
         review_probability: float = REVIEW_PROBABILITY,
         hard_negatives: bool = True,
+        lifted_holds: frozenset[Hold] = frozenset(),
     ) -> MatchConfig:
         """Thresholds for an index of about ``persons`` people: the prior odds that a record
         is one given person are 1 : persons; link at ``link_probability`` posterior, review
@@ -133,6 +141,7 @@ class MatchConfig:
             prior_log2_odds=prior,
             weights=weights,
             hard_negatives=hard_negatives,
+            lifted_holds=lifted_holds,
         )
 
 
@@ -219,8 +228,19 @@ def agreement(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -
     return given_agrees, levels.get(Field.BIRTH_DATE) in _BORN_TOGETHER
 
 
-def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hold | None:
-    """The hard-negative rule a pair falls under, if any (see the module doc, step 4)."""
+def hold(
+    a: Demographics,
+    b: Demographics,
+    levels: Mapping[Field, Level],
+    lifted: frozenset[Hold] = frozenset(),
+) -> Hold | None:
+    """The hard-negative rule a pair falls under, if any (see the module doc, step 4);
+    a rule in ``lifted`` (`MatchConfig.lifted_holds`) does not hold."""
+    found = _hold(a, b, levels)
+    return None if found in lifted else found
+
+
+def _hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hold | None:
     if levels.get(Field.IDENTIFIER) in _IDENTIFIER_AGREES:
         return None
     born = levels.get(Field.BIRTH_DATE)
@@ -246,6 +266,77 @@ def hold(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> Hol
     return None
 
 
+# Addresses that put two records in one home (or next door): what a household shares.
+_SAME_HOME = frozenset({Level.EXACT, Level.SAME_LINE, Level.PARTIAL, Level.SAME_POSTCODE})
+
+
+class Shape(StrEnum):
+    """How a pair of records in one home looks, for `domain/em.py`'s household evidence:
+    the pairs that show whether the data hold twins or generations of one name."""
+
+    BORN_TOGETHER = "born-together"  # family name, birth date and given name agree
+    TWIN = "twin"  # family name and birth date agree, the given names differ (Hold.TWIN)
+    NAMED_ALIKE = "named-alike"  # family and given name agree, both dated, born together
+    GENERATION = "generation"  # family and given name agree, born a generation apart
+
+
+def household_shapes(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> set[Shape]:
+    """The shapes a pair of records has when both are in one home (the same address, or
+    the same street or postcode) and nothing identifies them as one person (no identifier
+    value in common); empty otherwise. Trusted identifiers are the caller's to check."""
+    if (
+        levels.get(Field.ADDRESS) not in _SAME_HOME
+        or levels.get(Field.FAMILY) not in _FAMILY_AGREES
+        or levels.get(Field.IDENTIFIER) in _IDENTIFIER_AGREES
+        or levels.get(Field.GIVEN, Level.MISSING) is Level.MISSING
+    ):
+        return set()
+    out: set[Shape] = set()
+    given_agrees, born_agrees = agreement(a, b, levels)
+    found = _hold(a, b, levels)
+    if levels.get(Field.BIRTH_DATE) is Level.EXACT:
+        if given_agrees:
+            out.add(Shape.BORN_TOGETHER)
+        elif found is Hold.TWIN:
+            out.add(Shape.TWIN)
+    if given_agrees and born_agrees:
+        out.add(Shape.NAMED_ALIKE)
+    if found is Hold.GENERATION:
+        out.add(Shape.GENERATION)
+    return out
+
+
+def anchor_shapes(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> set[Shape]:
+    """For a pair that shares an identifier value (one person's, as family members never
+    share one): the shape its given name and birth date would give it in one home. How
+    often a person's own records look like twins or generations is how many of a home's
+    twin- or generation-shaped pairs are one person's records."""
+    if levels.get(Field.FAMILY) not in _FAMILY_AGREES:
+        return set()
+    given = levels.get(Field.GIVEN, Level.MISSING)
+    born = levels.get(Field.BIRTH_DATE, Level.MISSING)
+    if given is Level.MISSING:
+        return set()
+    given_agrees, born_agrees = agreement(a, b, levels)
+    out: set[Shape] = set()
+    if born_agrees:
+        if given_agrees:
+            out.add(Shape.BORN_TOGETHER)
+        elif given in _GIVEN_DIFFERS:
+            out.add(Shape.TWIN)
+    if given_agrees and born is not Level.MISSING:
+        if born_agrees:
+            out.add(Shape.NAMED_ALIKE)
+        elif (
+            born is Level.DISAGREE
+            and a.birth_year is not None
+            and b.birth_year is not None
+            and abs(a.birth_year - b.birth_year) >= GENERATION_YEARS
+        ):
+            out.add(Shape.GENERATION)
+    return out
+
+
 def shares_mobile(a: Demographics, b: Demographics) -> bool:
     """A number one record's source marked as a mobile (FHIR ContactPoint.use 'mobile': a
     device that stays with its owner) is among the other record's phones. A home phone is
@@ -267,7 +358,9 @@ def _tied(scored: list[tuple[float, dict[Field, Level], Demographics]]) -> bool:
 
 
 def _contradiction(
-    d: Demographics, scored: list[tuple[float, dict[Field, Level], Demographics]]
+    d: Demographics,
+    scored: list[tuple[float, dict[Field, Level], Demographics]],
+    lifted: frozenset[Hold] = frozenset(),
 ) -> Hold | None:
     """A twin or generation rule that another of the person's records imposes on ``d``.
 
@@ -280,7 +373,7 @@ def _contradiction(
     given_seen = any(g for g, _ in agreements)
     born_seen = any(b for _, b in agreements)
     for _, levels, other in scored:
-        h = hold(d, other, levels)
+        h = hold(d, other, levels, lifted)
         if (h is Hold.TWIN and not given_seen) or (h is Hold.GENERATION and not born_seen):
             return h
     return None
@@ -336,8 +429,9 @@ class Matcher:
         grade = self.grade_of(weight) or Grade.CERTAINLY_NOT
         held = None
         tied = _tied(scored)
+        lifted = self.config.lifted_holds
         if grade is Grade.PROBABLE and self.config.hard_negatives:
-            held = hold(d, best_record, levels)
+            held = hold(d, best_record, levels, lifted)
             if held is Hold.UNDATED and any(
                 agreement(d, o, lv)[1] or shares_mobile(d, o) for _, lv, o in scored
             ):
@@ -347,7 +441,7 @@ class Matcher:
             # Another record's contradiction counts unless an identifier ties the record
             # to the person outright (see `_tied`).
             if held is None and not tied:
-                held = _contradiction(d, scored)
+                held = _contradiction(d, scored, lifted)
         if held is not None:
             grade = Grade.POSSIBLE
         return Candidate(
@@ -428,7 +522,7 @@ class Matcher:
         for x in records_a:
             for y in records_b:
                 weight, levels = self.weigh(x, y)
-                if hold(x, y, levels) in _CONTRADICTIONS:
+                if hold(x, y, levels, self.config.lifted_holds) in _CONTRADICTIONS:
                     return False
                 best = max(best, weight)
         return best >= self.config.upper
