@@ -15,7 +15,7 @@ from hdx_patient_index.app import create_app
 from hdx_patient_index.domain.comparators import Field, Level
 from hdx_patient_index.domain.em import MatchModel
 from hdx_patient_index.domain.identifiers import TrustedSystems
-from hdx_patient_index.domain.matching import Matcher
+from hdx_patient_index.domain.matching import Hold, Matcher
 from hdx_patient_index.domain.weights import DEFAULT_WEIGHTS, PRIOR_PROBABILITIES
 from hdx_patient_index.match_model import ModelFileError, match_config, read_model, write_model
 from hdx_patient_index.pipeline import IdentifyStage
@@ -72,6 +72,39 @@ def test_a_model_file_round_trips_and_its_digest_is_logged(
     assert config.weights == birth_date_model().weights()
     assert config.weights != DEFAULT_WEIGHTS
     assert str(path) in caplog.text and digest[:16] in caplog.text and "records 1234" in caplog.text
+
+
+def test_the_service_lifts_only_the_rules_its_models_data_showed_no_need_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the matching benchmark runs: twins absent from the data (as many twin-shaped home
+    # pairs as one person's own records explain), generations of one name present.
+    clear = {
+        "pairs_agreeing": 400,
+        "pairs_shaped": 14,
+        "anchor_agreeing": 1000,
+        "anchor_shaped": 35,
+    }
+    twins = {
+        "pairs_agreeing": 400,
+        "pairs_shaped": 90,
+        "anchor_agreeing": 1000,
+        "anchor_shaped": 35,
+    }
+    base = birth_date_model()
+    model = MatchModel(
+        base.m, base.u, base.match_proportion, household={"twin": clear, "generation": twins}
+    )
+    path = tmp_path / "model.json"
+    write_model(model, path)
+    with caplog.at_level(logging.INFO, logger="hdx_patient_index.match_model"):
+        config = match_config(settings_for(tmp_path, path))
+    assert config.lifted_holds == {Hold.TWIN}
+    assert "rules lifted by its data: twin" in caplog.text
+    # The built-in priors, and a model without household evidence, keep every rule.
+    assert match_config(settings_for(tmp_path, None)).lifted_holds == frozenset()
+    write_model(birth_date_model(), path)
+    assert match_config(settings_for(tmp_path, path)).lifted_holds == frozenset()
 
 
 @pytest.mark.parametrize(

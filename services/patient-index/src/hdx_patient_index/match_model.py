@@ -2,8 +2,9 @@
 
 `HDX_MATCH_MODEL` names a JSON file written by `hdx-patient-index train-model` (a
 `MatchModel` of domain/em.py: m and u per field and level, term frequencies, and how it was
-trained). Unset, the matcher runs on the built-in prior weights of domain/weights.py, and the
-log says so at start. A file that cannot be read or is not a valid model stops the service
+trained, and the household evidence that may lift the twin and generation rules). Unset, the
+matcher runs on the built-in prior weights of domain/weights.py with every rule, and the log
+says so at start. A file that cannot be read or is not a valid model stops the service
 from starting (`ModelFileError`): it never falls back to the priors silently, since the
 weights decide which records are one person.
 """
@@ -15,7 +16,7 @@ import logging
 from pathlib import Path
 
 from hdx_patient_index.domain.em import MatchModel, ModelError
-from hdx_patient_index.domain.matching import MatchConfig
+from hdx_patient_index.domain.matching import Hold, MatchConfig
 from hdx_patient_index.domain.weights import DEFAULT_WEIGHTS
 from hdx_patient_index.settings import PatientIndexSettings
 
@@ -54,6 +55,7 @@ def match_config(settings: PatientIndexSettings) -> MatchConfig:
     file HDX_MATCH_MODEL names (checked; `ModelFileError` if unusable) or, when it is not
     set, the built-in priors. Logs which."""
     weights = DEFAULT_WEIGHTS
+    lifted: frozenset[Hold] = frozenset()
     if settings.match_model is None:
         log.info(
             "match model: the built-in prior weights (domain/weights.py); "
@@ -62,15 +64,20 @@ def match_config(settings: PatientIndexSettings) -> MatchConfig:
     else:
         model, digest = read_model(settings.match_model)
         weights = model.weights()
+        # The hard-negative rules (twins, generations of one name) the model's data showed
+        # no need for; the built-in priors keep them all.
+        lifted = model.lifted_holds()
         log.info(
-            "match model: %s (sha256 %s; %s)",
+            "match model: %s (sha256 %s; %s); hard-negative rules lifted by its data: %s",
             settings.match_model,
             digest[:16],
             model.describe(),
+            ", ".join(sorted(str(h) for h in lifted)) or "none",
         )
     return MatchConfig(
         upper=settings.match_upper_threshold,
         lower=settings.match_lower_threshold,
         prior_log2_odds=settings.match_prior_log2_odds,
         weights=weights,
+        lifted_holds=lifted,
     )
