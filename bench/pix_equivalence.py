@@ -16,10 +16,10 @@ Traffic (all seeded):
 
 Both go through `IdentifyStage.process` in batches of 1, 37, 250 and 500 in turn, every
 fourth batch processed twice (a redelivery), on a service whose clock is fixed. The dump
-holds every record emitted (topic, key, headers, value) and every ``pix_`` table's rows,
-with UUIDs (persons and review tasks, from a seeded uuid4; event ids) numbered by first
-appearance, times other than the fixed clock's shown as "now", and ``pix_identifier`` rows
-without their autoincrement id (sorted by content).
+holds every record emitted (topic, key, headers in their order, value) and every ``pix_``
+table's rows, with UUIDs (persons and review tasks, from a seeded uuid4; event ids)
+numbered by first appearance, times other than the fixed clock's shown as "now", and
+``pix_identifier`` rows without their autoincrement id (sorted by content).
 
 With the synthetic population, which of two equally good candidates a record links to
 depends on ``PYTHONHASHSEED``: the script runs itself with PYTHONHASHSEED=0 unless it is set.
@@ -111,14 +111,14 @@ def _move_before_patient(
     return [items[i] for _, i in sorted(order)]
 
 
-def region_traffic(messages: int) -> list[Inbound]:
+def region_traffic(messages: int, moved: float = 0.08) -> list[Inbound]:
     region = generator.Region.build(persons=max(200, messages // 4))
     rng = random.Random(7)
     items = [
         (e.source, e.local_patient_id, e.resource, e.ce_id)
         for e in generator.Traffic(region).take(messages)
     ]
-    items = _move_before_patient(items, rng, 0.08)
+    items = _move_before_patient(items, rng, moved)
     return [_inbound(i, s, r, ref, ev) for i, (s, ref, r, ev) in enumerate(items)]
 
 
@@ -178,7 +178,7 @@ def _jsonable(v: Any) -> Any:
 
 def dump(store: PatientIndexStore, out: Sequence[Outgoing]) -> dict[str, Any]:
     emitted = [
-        [o.topic, _jsonable(o.key), sorted(o.headers.items()), _jsonable(o.value)] for o in out
+        [o.topic, _jsonable(o.key), list(o.headers.items()), _jsonable(o.value)] for o in out
     ]
     tables: dict[str, Any] = {}
     engine = store.engine

@@ -228,9 +228,13 @@ def flush_batch(
             ],
         )
         if result.rowcount != len(changed):
-            read = {p.id: p.read_version for p in changed}
-            now = dict(conn.execute(_PERSON_VERSIONS, {"person_ids": sorted(read)}).tuples().all())
-            return next((pid for pid, v in read.items() if now.get(pid) != v), changed[0].id)
+            # The rows written carry the batch's new version; a row that was not is the
+            # person another writer changed (the batch rolls back either way).
+            written = {p.id: p.version for p in changed}
+            now = dict(
+                conn.execute(_PERSON_VERSIONS, {"person_ids": sorted(written)}).tuples().all()
+            )
+            return next((pid for pid, v in written.items() if now.get(pid) != v), changed[0].id)
     created = [{name: getattr(p, name) for name in _PERSON_COLUMNS} for p in new_persons]
     if created:
         conn.execute(_INSERT_PERSONS, created)

@@ -45,6 +45,7 @@ from hdx_patient_index.domain.matching import (
     ReviewReason,
     trusted_conflict,
 )
+from hdx_patient_index.gc_tuning import raise_young_threshold
 from hdx_patient_index.models import (
     EventLogRow,
     LinkRow,
@@ -339,6 +340,7 @@ class PatientIndexService:
             self.index = fresh
             self._watermark_ms = started
             self.loaded, self.error = True, None
+            raise_young_threshold()  # the stage's many short-lived objects: gc_tuning.py
             log.info("patient index loaded: %d source records, %d persons", n, fresh.person_count)
             return True
 
@@ -443,20 +445,26 @@ class BatchWork:
         self._new_persons: dict[str, bs.Person] = {}
         self._changed_persons: dict[str, bs.Person] = {}
         self._identifiers: dict[RecordKey, tuple[bs.Record, Demographics]] = {}
+        # Demographics of the batch's Patients, extracted by `prefetch`, by resource.
+        self._demos: dict[int, tuple[dict[str, Any], Demographics]] = {}
 
     def prefetch(
         self,
         keys: set[RecordKey],
         event_ids: set[str],
         patient_keys: set[RecordKey] | None = None,
+        patients: Sequence[dict[str, Any]] = (),
     ) -> None:
         """A few queries for the whole batch instead of several per message: the source
         records it names and their persons, which of them have parked resources, which
         persons have open review tasks or merges in force, and — for the Patients in it
-        (``patient_keys``) — every record of their persons."""
+        (``patient_keys``; ``patients``, the parsed resources) — every record of their
+        persons and who claimed their trusted identifiers."""
+        conn = self.conn
+        if patients:
+            self._prefetch_owners(patients)
         if not keys:
             return
-        conn = self.conn
         local_ids = sorted({k[1] for k in keys})
         for rec in bs.records_by_local_id(conn, local_ids):
             key = (rec.source, rec.local_id)
@@ -500,6 +508,20 @@ class BatchWork:
                 self._records_of[pid] = []
             for rec in self._known(bs.records_of_persons(conn, of_patients)):
                 self._records_of[rec.person_id].append(rec)
+
+    def _prefetch_owners(self, patients: Sequence[dict[str, Any]]) -> None:
+        """The Patients' demographics (kept for `link_patient`) and, in one query, who
+        claimed their trusted identifiers."""
+        trusted: set[Identifier] = set()
+        for doc in patients:
+            try:
+                demo = extract_demographics(doc, self.svc.trusted)
+            except Exception:
+                continue
+            self._demos[id(doc)] = (doc, demo)
+            trusted.update(demo.trusted)
+        if trusted:
+            self._trusted_owners(sorted(trusted, key=lambda i: (i.system, i.value)))
 
     def _known(self, records: list[bs.Record]) -> list[bs.Record]:
         """Records as the batch holds them: the object it already has for a key, else the
@@ -718,7 +740,11 @@ class BatchWork:
         keeps its person; its demographics are updated and re-filed."""
         svc = self.svc
         key = (source, local_id)
-        demo = extract_demographics(patient, svc.trusted)
+        cached = self._demos.get(id(patient))
+        if cached is not None and cached[0] is patient:
+            demo = cached[1]
+        else:
+            demo = extract_demographics(patient, svc.trusted)
         snap = orjson.dumps(snapshot(patient), option=orjson.OPT_SORT_KEYS).decode()
         now = svc.clock()
         rec = self._record(key)
