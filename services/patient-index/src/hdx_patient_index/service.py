@@ -220,6 +220,24 @@ _MERGED_OF = select(_MERGES.c.survivor_id).where(
     _MERGES.c.survivor_id.in_(bindparam("persons", expanding=True)),
     _MERGES.c.status != "unmerged",
 )
+_PARKED_AT = (
+    select(_PARKED.c.id)
+    .where(
+        _PARKED.c.topic == bindparam("topic"),
+        _PARKED.c.origin_partition == bindparam("partition"),
+        _PARKED.c.origin_offset == bindparam("offset"),
+    )
+    .limit(1)
+)
+_EVENT_LOG = db.table_of(EventLogRow)
+_LOGGED = (
+    select(_EVENT_LOG.c.id)
+    .where(
+        _EVENT_LOG.c.event_id == bindparam("event_id"),
+        _EVENT_LOG.c.person_id == bindparam("person"),
+    )
+    .limit(1)
+)
 # Who claimed trusted identifiers: compiled once, run on the batch's connection. No
 # autoflush is needed before it — a batch writes its claims at the end (`finish`) and
 # answers its own from `BatchWork._owners` — so it does not flush the session either.
@@ -400,6 +418,12 @@ class PatientIndexService:
         self.store.forget_released(released_before_ms)
 
 
+@dataclass(slots=True)
+class _Parked:
+    message: ParkedMessage
+    row: dict[str, Any]  # the pix_parked row `finish` inserts
+
+
 class BatchWork:
     """The operations of one batch, inside its transaction.
 
@@ -445,6 +469,10 @@ class BatchWork:
         self._new_persons: dict[str, bs.Person] = {}
         self._changed_persons: dict[str, bs.Person] = {}
         self._identifiers: dict[RecordKey, tuple[bs.Record, Demographics]] = {}
+        # Events logged by this batch, by (event id, person).
+        self._logged: dict[tuple[str, str], dict[str, Any]] = {}
+        # Resources parked by this batch, by origin (topic, partition, offset).
+        self._parked: dict[tuple[str, int, int], _Parked] = {}
         # Demographics of the batch's Patients, extracted by `prefetch`, by resource.
         self._demos: dict[int, tuple[dict[str, Any], Demographics]] = {}
 
@@ -558,6 +586,12 @@ class BatchWork:
         if self._trusted_rows:
             conn.execute(insert(db.table_of(TrustedIdRow)), self._trusted_rows)
             self._trusted_rows = []
+        if self._parked:
+            conn.execute(insert(_PARKED), [p.row for p in self._parked.values()])
+            self._parked = {}
+        if self._logged:
+            conn.execute(insert(_EVENT_LOG), list(self._logged.values()))
+            self._logged = {}
 
     def _golden(self, person: bs.Person) -> str:
         """The person's golden record from its records as the batch leaves them (what
@@ -681,23 +715,26 @@ class BatchWork:
         headers, to re-emit once resolved) or had a merge in force (its id, for review)."""
         if not (state.uncertain or state.merges) or not event_id:
             return
-        if db.logged_event(self.s, event_id, state.person) is not None:
+        logged = (event_id, state.person)
+        if logged in self._logged:
             return
-        self.s.add(
-            EventLogRow(
-                event_id=event_id,
-                person_id=state.person,
-                source=source,
-                local_id=local_id,
-                resource_type=resource_type,
-                emitted_ms=self.svc.clock(),
-                uncertain=state.uncertain,
-                candidates=candidates_json(state.candidates),
-                value=value if state.uncertain else None,
-                headers=orjson.dumps(headers).decode() if state.uncertain else None,
-            )
-        )
-        self.s.flush()
+        if self.conn.execute(_LOGGED, {"event_id": event_id, "person": state.person}).first():
+            return
+        # Written in `finish`, in the order logged (ids in emission order, as before).
+        self._logged[logged] = {
+            "event_id": event_id,
+            "person_id": state.person,
+            "source": source,
+            "local_id": local_id,
+            "resource_type": resource_type,
+            "emitted_ms": self.svc.clock(),
+            "uncertain": state.uncertain,
+            "candidates": candidates_json(state.candidates),
+            "value": value if state.uncertain else None,
+            "headers": orjson.dumps(headers).decode() if state.uncertain else None,
+            "reemitted_ms": None,
+            "reemitted_by": None,
+        }
 
     # Non-Patient resources -------------------------------------------------------------
     def person_for(self, source: str, local_id: str) -> PersonRef | None:
@@ -714,23 +751,30 @@ class BatchWork:
         """Keep a resource until its Patient arrives (once: a redelivery is not parked twice)."""
         if self._parked_keys is not None:
             self._parked_keys.add((m.source, m.local_id))
-        if db.parked_at(self.s, m.topic, m.partition, m.offset) is not None:
+        origin = (m.topic, m.partition, m.offset)
+        if origin in self._parked:
             return
-        self.s.add(
-            ParkedRow(
-                source=m.source,
-                local_id=m.local_id,
-                event_id=m.event_id,
-                topic=m.topic,
-                origin_partition=m.partition,
-                origin_offset=m.offset,
-                key=m.key,
-                value=m.value,
-                headers=orjson.dumps(m.headers).decode(),
-                parked_ms=self.svc.clock(),
-            )
+        params = {"topic": m.topic, "partition": m.partition, "offset": m.offset}
+        if self.conn.execute(_PARKED_AT, params).first() is not None:
+            return
+        # Written in `finish`, in the order parked (ids in arrival order, as before).
+        self._parked[origin] = _Parked(
+            m,
+            {
+                "source": m.source,
+                "local_id": m.local_id,
+                "event_id": m.event_id,
+                "topic": m.topic,
+                "origin_partition": m.partition,
+                "origin_offset": m.offset,
+                "key": m.key,
+                "value": m.value,
+                "headers": orjson.dumps(m.headers).decode(),
+                "parked_ms": self.svc.clock(),
+                "released_ms": None,
+                "released_by": None,
+            },
         )
-        self.s.flush()
 
     # Patients ----------------------------------------------------------------------------
     def link_patient(
@@ -963,4 +1007,14 @@ class BatchWork:
                 row.released_by = event_id
                 self.s.add(row)
             out.append(ParkedMessage.from_row(row))
+        # Parked by this batch (not written yet): after those in the database, in order.
+        for parked in self._parked.values():
+            m, values = parked.message, parked.row
+            if (m.source, m.local_id) != (source, local_id):
+                continue
+            if values["released_ms"] is None:
+                values["released_ms"], values["released_by"] = now, event_id
+            elif values["released_by"] != event_id:
+                continue
+            out.append(m)
         return out
