@@ -287,3 +287,14 @@ def test_a_trusted_id_claimed_earlier_in_the_batch_is_not_claimed_twice(
     )
     assert index.rows(ReviewTaskRow) == []
     assert {r.source for r in index.rows(SourceRecordRow)} == {ST_MARYS, RIVERSIDE}
+
+
+def test_a_resource_twice_in_one_batch_is_parked_once_and_released_once(index: Index) -> None:
+    """Parked rows of the batch are held until its end: the second copy of a resource (the
+    same origin) is not parked again, and a Patient later in the batch releases it once."""
+    obs = msg(observation("o1", "p1"))
+    out = _run(index, [[obs, obs, msg(patient("p1", nhs=NHS_A), event_id="pat-1")]])
+    identified = [orjson.loads(o.value)["id"] for o in out if o.topic == TOPICS.identified]
+    assert identified == ["p1", "o1"]
+    [row] = index.rows(ParkedRow)
+    assert (row.local_id, row.released_by) == ("p1", "pat-1")

@@ -272,10 +272,10 @@ def test_a_failed_batch_leaves_no_trace(harness: Harness, stage: IdentifyStage) 
 
     original = stage._one
 
-    def failing(work: Any, m: Inbound) -> list[Outgoing]:
+    def failing(work: Any, m: Inbound, doc: Any) -> list[Outgoing]:
         if m.envelope.event_id == "boom":
             raise Boom
-        return original(work, m)
+        return original(work, m, doc)
 
     stage._one = failing  # type: ignore[method-assign]
     with pytest.raises(Boom):

@@ -64,6 +64,14 @@ MATCHES = Counter(
 PARKED = Gauge("hdx_parked_messages", "Resources parked until their Patient arrives")
 
 
+def _parse(value: bytes) -> Any:
+    """The record's JSON, or the error that says why it is not JSON."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return exc
+
+
 def _no_patient(resource_type: str) -> FhirError:
     return FhirError(
         "no-patient",
@@ -90,6 +98,7 @@ class IdentifyStage:
 
     def process(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         out: list[Outgoing] = []
+        docs = [_parse(m.value) for m in batch]  # each value parsed once
         with self.service.batch() as work:
             work.prefetch(
                 {
@@ -103,17 +112,23 @@ class IdentifyStage:
                     for m in batch
                     if m.envelope.patient_ref and m.envelope.resource_type == "Patient"
                 },
+                [
+                    doc
+                    for m, doc in zip(batch, docs, strict=True)
+                    if isinstance(doc, dict)
+                    and doc.get("resourceType") == "Patient"
+                    and isinstance(local := doc.get("id") or m.envelope.patient_ref, str)
+                    and local
+                ],
             )
-            for m in batch:
+            for m, doc in zip(batch, docs, strict=True):
                 with handling(m):  # log lines carry this message's trace_id/span_id
-                    out.extend(self._one(work, m))
+                    out.extend(self._one(work, m, doc))
         return out
 
-    def _one(self, work: BatchWork, m: Inbound) -> list[Outgoing]:
-        try:
-            doc = orjson.loads(m.value)
-        except orjson.JSONDecodeError as exc:
-            err = FhirError("invalid-json", [Issue(f"not valid JSON: {exc}", code="structure")])
+    def _one(self, work: BatchWork, m: Inbound, doc: Any) -> list[Outgoing]:
+        if isinstance(doc, orjson.JSONDecodeError):
+            err = FhirError("invalid-json", [Issue(f"not valid JSON: {doc}", code="structure")])
             return [dead_letter_for(self.topics, m, err)]
         if not isinstance(doc, dict) or not isinstance(doc.get("resourceType"), str):
             err = FhirError("not-fhir", [Issue("not a FHIR resource", code="structure")])
@@ -143,11 +158,7 @@ class IdentifyStage:
             )
             return []
         stamp_reference(ref, person.person_id)
-        return [
-            self._identified(
-                work, doc, env.evolve(patient_ref=local_id), person, m.value, env.to_headers()
-            )
-        ]
+        return [self._identified(work, doc, env, local_id, person, m.value, env)]
 
     def _patient(self, work: BatchWork, m: Inbound, doc: dict[str, Any]) -> list[Outgoing]:
         env = m.envelope
@@ -156,16 +167,7 @@ class IdentifyStage:
             return [dead_letter_for(self.topics, m, _no_patient("Patient"))]
         outcome = work.link_patient(env.source, local_id, doc, env.event_id or m.origin)
         stamp_patient(doc, outcome.person.person_id)
-        out = [
-            self._identified(
-                work,
-                doc,
-                env.evolve(patient_ref=local_id),
-                outcome.person,
-                m.value,
-                env.to_headers(),
-            )
-        ]
+        out = [self._identified(work, doc, env, local_id, outcome.person, m.value, env)]
         if outcome.link is not None:
             grade = outcome.link.grade
             MATCHES.labels(getattr(grade, "value", grade), str(outcome.link.possible_match)).inc()
@@ -180,29 +182,39 @@ class IdentifyStage:
         work: BatchWork,
         doc: dict[str, Any],
         env: Envelope,
+        local_id: str,
         person: PersonRef,
         validated: bytes,
-        validated_headers: dict[str, str],
+        validated_headers: Envelope | dict[str, str],
     ) -> Outgoing:
-        """Forward a stamped resource, with the person's identity state; log it if the
-        identity is uncertain or a merge is in force (``validated``: the bytes as read)."""
+        """Forward a stamped resource for the patient ``local_id``, with the person's identity
+        state; log it if the identity is uncertain or a merge is in force (``validated``: the
+        bytes as read; ``validated_headers``: their headers, or the envelope they come from,
+        turned into headers only when the event is logged)."""
         state = work.identity(person.person_id)
         # The index alone says whether an identity is uncertain: never a header from upstream.
-        env = env.without_extra(*IDENTITY_HEADERS).with_extra(**state.headers())
-        work.record_event(
-            state,
-            event_id=env.event_id,
-            source=env.source,
-            local_id=env.patient_ref or "",
-            resource_type=env.resource_type or str(doc.get("resourceType") or ""),
-            value=validated,
-            headers=validated_headers,
+        extra = {k: v for k, v in env.extra.items() if k not in IDENTITY_HEADERS}
+        extra.update(state.headers())
+        env = env.evolve(
+            patient_ref=local_id,
+            person=person.person_id,
+            person_identifiers=person.trusted,
+            extra=extra,
         )
-        headers = env.evolve(
-            person=person.person_id, person_identifiers=person.trusted
-        ).to_headers()
+        if state.uncertain or state.merges:
+            work.record_event(
+                state,
+                event_id=env.event_id,
+                source=env.source,
+                local_id=local_id,
+                resource_type=env.resource_type or str(doc.get("resourceType") or ""),
+                value=validated,
+                headers=validated_headers.to_headers()
+                if isinstance(validated_headers, Envelope)
+                else validated_headers,
+            )
         return Outgoing(
-            self.topics.identified, orjson.dumps(doc), person.person_id.encode(), headers
+            self.topics.identified, orjson.dumps(doc), person.person_id.encode(), env.to_headers()
         )
 
     def _released(self, work: BatchWork, parked: ParkedMessage, person: PersonRef) -> Outgoing:
@@ -212,12 +224,7 @@ class IdentifyStage:
         if ref is not None:
             stamp_reference(ref, person.person_id)
         return self._identified(
-            work,
-            doc,
-            env.evolve(patient_ref=parked.local_id),
-            person,
-            parked.value,
-            parked.headers,
+            work, doc, env, parked.local_id, person, parked.value, parked.headers
         )
 
     def _link(self, link: LinkEvent, env: Envelope) -> Outgoing:

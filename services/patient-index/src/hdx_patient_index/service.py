@@ -22,8 +22,9 @@ from typing import Any
 import orjson
 from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
+from hdx_patient_index import batch_store as bs
 from hdx_patient_index import store as db
 from hdx_patient_index.domain.demographics import Demographics, extract_demographics
 from hdx_patient_index.domain.golden import LinkedRecord, golden_patient, snapshot, tombstone
@@ -44,6 +45,7 @@ from hdx_patient_index.domain.matching import (
     ReviewReason,
     trusted_conflict,
 )
+from hdx_patient_index.gc_tuning import raise_young_threshold
 from hdx_patient_index.models import (
     EventLogRow,
     LinkRow,
@@ -123,15 +125,30 @@ def _split(tokens: str) -> tuple[str, ...]:
     return tuple(tokens.split())
 
 
-def identity_state(s: Session, person_id: str) -> IdentityState:
+def _trusted_in(s: Session) -> Callable[[str], tuple[str, ...] | None]:
+    def trusted(person_id: str) -> tuple[str, ...] | None:
+        row = s.get(PersonRow, person_id)
+        return _split(row.trusted_ids) if row is not None else None
+
+    return trusted
+
+
+def identity_state(
+    s: Session,
+    person_id: str,
+    trusted_of: Callable[[str], tuple[str, ...] | None] | None = None,
+) -> IdentityState:
     """Is this person's identity uncertain (an open review task on either side, a merge
-    not yet reviewed), and which persons may it be? (See domain/identity.py.)"""
-    person = s.get(PersonRow, person_id)
+    not yet reviewed), and which persons may it be? (See domain/identity.py.)
+
+    ``trusted_of``: a person's trusted identifiers (None: no such person), by default as the
+    session reads them; a batch passes those it holds."""
+    trusted_of = trusted_of or _trusted_in(s)
     merges = tuple(m.id for m in db.merges_in_force(s, person_id))
     tasks = db.open_tasks_of(s, person_id)
     if not tasks:
         return IdentityState(person_id, merges=merges)
-    candidates = [CandidatePerson(person_id, _split(person.trusted_ids) if person else ())]
+    candidates = [CandidatePerson(person_id, trusted_of(person_id) or ())]
     for t in tasks:
         if t.reason == MERGE_REVIEW:
             merge = s.get(MergeRow, t.local_id)
@@ -143,8 +160,7 @@ def identity_state(s: Session, person_id: str) -> IdentityState:
                 continue
         other = t.candidate_person_id if t.person_id == person_id else t.person_id
         if other != person_id:
-            row = s.get(PersonRow, other)
-            candidates.append(CandidatePerson(other, _split(row.trusted_ids) if row else ()))
+            candidates.append(CandidatePerson(other, trusted_of(other) or ()))
     return IdentityState(
         person_id,
         reasons=tuple(dict.fromkeys(t.reason for t in tasks)),
@@ -185,6 +201,41 @@ _HAS_OPEN_TASK = (
 _HAS_MERGE = (
     select(_MERGES.c.id)
     .where(_MERGES.c.survivor_id == bindparam("p"), _MERGES.c.status != "unmerged")
+    .limit(1)
+)
+# What `prefetch` asks for the batch: which of its patients have parked resources (waiting,
+# or released by one of its events), which of its persons have open review tasks / merges.
+_PARKED = db.table_of(ParkedRow)
+_PARKED_KEYS = select(_PARKED.c.source, _PARKED.c.local_id).where(
+    _PARKED.c.local_id.in_(bindparam("local_ids", expanding=True)),
+    _PARKED.c.released_ms.is_(None)
+    | _PARKED.c.released_by.in_(bindparam("event_ids", expanding=True)),
+)
+_OPEN_TASKS_OF = select(_TASKS.c.person_id, _TASKS.c.candidate_person_id).where(
+    _TASKS.c.status == "open",
+    _TASKS.c.person_id.in_(bindparam("persons", expanding=True))
+    | _TASKS.c.candidate_person_id.in_(bindparam("persons", expanding=True)),
+)
+_MERGED_OF = select(_MERGES.c.survivor_id).where(
+    _MERGES.c.survivor_id.in_(bindparam("persons", expanding=True)),
+    _MERGES.c.status != "unmerged",
+)
+_PARKED_AT = (
+    select(_PARKED.c.id)
+    .where(
+        _PARKED.c.topic == bindparam("topic"),
+        _PARKED.c.origin_partition == bindparam("partition"),
+        _PARKED.c.origin_offset == bindparam("offset"),
+    )
+    .limit(1)
+)
+_EVENT_LOG = db.table_of(EventLogRow)
+_LOGGED = (
+    select(_EVENT_LOG.c.id)
+    .where(
+        _EVENT_LOG.c.event_id == bindparam("event_id"),
+        _EVENT_LOG.c.person_id == bindparam("person"),
+    )
     .limit(1)
 )
 # Who claimed trusted identifiers: compiled once, run on the batch's connection. No
@@ -307,6 +358,7 @@ class PatientIndexService:
             self.index = fresh
             self._watermark_ms = started
             self.loaded, self.error = True, None
+            raise_young_threshold()  # the stage's many short-lived objects: gc_tuning.py
             log.info("patient index loaded: %d source records, %d persons", n, fresh.person_count)
             return True
 
@@ -366,6 +418,12 @@ class PatientIndexService:
         self.store.forget_released(released_before_ms)
 
 
+@dataclass(slots=True)
+class _Parked:
+    message: ParkedMessage
+    row: dict[str, Any]  # the pix_parked row `finish` inserts
+
+
 class BatchWork:
     """The operations of one batch, inside its transaction.
 
@@ -374,60 +432,78 @@ class BatchWork:
     persons have no open review task or merge in force. Only this batch writes those rows
     for its keys while it runs (the service's lock keeps the HTTP operations out; another
     replica's concurrent change to a person fails the batch's compare-and-set on the
-    person's version, and the batch is retried). Link, identifier and trusted-identifier
-    rows, which nothing in the batch reads back, are written with one bulk insert each.
+    person's version, and the batch is retried).
+
+    Source records and persons are plain objects (`batch_store.Record`, `Person`), read
+    with Core statements and written back once, in `finish` (`batch_store.flush_batch`):
+    new ones with one multi-row insert each, changed ones with one executemany update each;
+    a person's golden record is built once, from its records as the batch leaves them.
+    Link, identifier and trusted-identifier rows are written in bulk there too. The ORM
+    session keeps only the rare rows (review tasks, parked resources, the event log).
     """
 
     def __init__(self, service: PatientIndexService, session: Session) -> None:
         self.svc = service
         self.s = session
+        self.conn = session.connection()
         self._people: dict[RecordKey, PersonRef | None] = {}
         self._identity: dict[str, IdentityState] = {}
         self._parked_keys: set[RecordKey] | None = None  # None: not prefetched, ask the DB
-        # Source records looked up (None: there is none), by key.
-        self._records: dict[RecordKey, SourceRecordRow | None] = {}
+        # Source records looked up (None: there is none), by key: one object per record.
+        self._records: dict[RecordKey, bs.Record | None] = {}
         # Each person's source records in id order (persons whose records were loaded).
-        self._records_of: dict[str, list[SourceRecordRow]] = {}
+        self._records_of: dict[str, list[bs.Record]] = {}
         # Trusted identifiers' owners as known to this batch (None: unclaimed).
         self._owners: dict[Identifier, str | None] = {}
         # Persons known to have no merge in force / no open review task.
         self._no_merges: set[str] = set()
         self._no_tasks: set[str] = set()
         self._json: dict[str, Any] = {}  # parsed demographics and snapshots, by their JSON
-        # Persons the batch read or created, held so that the session's identity map (weak
-        # references) keeps answering `Session.get` for them without a query.
-        self._persons: dict[str, PersonRow] = {}
+        self._persons: dict[str, bs.Person | None] = {}  # persons read or created
         self._links: list[dict[str, Any]] = []
         self._trusted_rows: list[dict[str, Any]] = []
+        # What `finish` writes: created and changed records and persons (insertion order),
+        # and the demographics whose identifier rows replace a record's.
+        self._new_records: list[bs.Record] = []
+        self._changed_records: dict[RecordKey, bs.Record] = {}
+        self._new_persons: dict[str, bs.Person] = {}
+        self._changed_persons: dict[str, bs.Person] = {}
+        self._identifiers: dict[RecordKey, tuple[bs.Record, Demographics]] = {}
+        # Events logged by this batch, by (event id, person).
+        self._logged: dict[tuple[str, str], dict[str, Any]] = {}
+        # Resources parked by this batch, by origin (topic, partition, offset).
+        self._parked: dict[tuple[str, int, int], _Parked] = {}
+        # Demographics of the batch's Patients, extracted by `prefetch`, by resource.
+        self._demos: dict[int, tuple[dict[str, Any], Demographics]] = {}
 
     def prefetch(
         self,
         keys: set[RecordKey],
         event_ids: set[str],
         patient_keys: set[RecordKey] | None = None,
+        patients: Sequence[dict[str, Any]] = (),
     ) -> None:
         """A few queries for the whole batch instead of several per message: the source
         records it names and their persons, which of them have parked resources, which
         persons have open review tasks or merges in force, and — for the Patients in it
-        (``patient_keys``) — every record of their persons."""
+        (``patient_keys``; ``patients``, the parsed resources) — every record of their
+        persons and who claimed their trusted identifiers."""
+        conn = self.conn
+        if patients:
+            self._prefetch_owners(patients)
         if not keys:
             return
-        s = self.s
         local_ids = sorted({k[1] for k in keys})
-        for rec in s.exec(
-            select(SourceRecordRow).where(col(SourceRecordRow.local_id).in_(local_ids))
-        ):
+        for rec in bs.records_by_local_id(conn, local_ids):
             key = (rec.source, rec.local_id)
             if key in keys:
                 self._records[key] = rec
         for key in keys:
             self._records.setdefault(key, None)
         person_ids = sorted({r.person_id for r in self._records.values() if r is not None})
-        persons: dict[str, PersonRow] = {}
+        persons: dict[str, bs.Person] = {}
         if person_ids:
-            persons = {
-                p.id: p for p in s.exec(select(PersonRow).where(col(PersonRow.id).in_(person_ids)))
-            }
+            persons = {p.id: p for p in bs.persons_by_id(conn, person_ids)}
         self._persons.update(persons)
         for key, found in self._records.items():
             if found is not None and found.person_id in persons:
@@ -435,33 +511,17 @@ class BatchWork:
                 self._people[key] = PersonRef(person.id, tuple(person.trusted_ids.split()))
         self._parked_keys = {
             (src, lid)
-            for src, lid in s.exec(
-                select(ParkedRow.source, ParkedRow.local_id).where(
-                    col(ParkedRow.local_id).in_(local_ids),
-                    col(ParkedRow.released_ms).is_(None)
-                    | col(ParkedRow.released_by).in_(event_ids),
-                )
+            for src, lid in conn.execute(
+                _PARKED_KEYS, {"local_ids": local_ids, "event_ids": sorted(event_ids)}
             )
         }
         if not persons:
             return
         known = sorted(persons)
         tasked: set[str] = set()
-        for pid, cid in s.exec(
-            select(ReviewTaskRow.person_id, ReviewTaskRow.candidate_person_id).where(
-                ReviewTaskRow.status == "open",
-                col(ReviewTaskRow.person_id).in_(known)
-                | col(ReviewTaskRow.candidate_person_id).in_(known),
-            )
-        ):
+        for pid, cid in conn.execute(_OPEN_TASKS_OF, {"persons": known}):
             tasked.update((pid, cid))
-        merged = set(
-            s.exec(
-                select(MergeRow.survivor_id).where(
-                    col(MergeRow.survivor_id).in_(known), MergeRow.status != "unmerged"
-                )
-            )
-        )
+        merged = {pid for (pid,) in conn.execute(_MERGED_OF, {"persons": known})}
         self._no_tasks.update(p for p in known if p not in tasked)
         self._no_merges.update(p for p in known if p not in merged)
         of_patients = sorted(
@@ -474,41 +534,105 @@ class BatchWork:
         if of_patients:
             for pid in of_patients:
                 self._records_of[pid] = []
-            for rec in s.exec(
-                select(SourceRecordRow)
-                .where(col(SourceRecordRow.person_id).in_(of_patients))
-                .order_by(col(SourceRecordRow.id))
-            ):
+            for rec in self._known(bs.records_of_persons(conn, of_patients)):
                 self._records_of[rec.person_id].append(rec)
+
+    def _prefetch_owners(self, patients: Sequence[dict[str, Any]]) -> None:
+        """The Patients' demographics (kept for `link_patient`) and, in one query, who
+        claimed their trusted identifiers."""
+        trusted: set[Identifier] = set()
+        for doc in patients:
+            try:
+                demo = extract_demographics(doc, self.svc.trusted)
+            except Exception:
+                continue
+            self._demos[id(doc)] = (doc, demo)
+            trusted.update(demo.trusted)
+        if trusted:
+            self._trusted_owners(sorted(trusted, key=lambda i: (i.system, i.value)))
+
+    def _known(self, records: list[bs.Record]) -> list[bs.Record]:
+        """Records as the batch holds them: the object it already has for a key, else the
+        one just read (kept from now on)."""
+        out = []
+        for rec in records:
+            key = (rec.source, rec.local_id)
+            held = self._records.get(key)
+            if held is None:
+                self._records[key] = held = rec
+            out.append(held)
+        return out
 
     def finish(self) -> None:
         """Write what the batch kept for the end, in bulk (before its commit)."""
-        conn = self.s.connection()
+        conn = self.conn
+        for person in [*self._new_persons.values(), *self._changed_persons.values()]:
+            person.golden = self._golden(person)
+        conflict = bs.flush_batch(
+            conn,
+            new_persons=self._new_persons.values(),
+            changed_persons=self._changed_persons.values(),
+            new_records=self._new_records,
+            changed_records=[r for r in self._changed_records.values() if r.id is not None],
+            identifiers=self._identifiers.values(),
+        )
+        if conflict is not None:
+            raise VersionConflict(conflict)
+        self._new_persons, self._changed_persons = {}, {}
+        self._new_records, self._changed_records, self._identifiers = [], {}, {}
         if self._links:
             conn.execute(insert(db.table_of(LinkRow)), self._links)
             self._links = []
         if self._trusted_rows:
             conn.execute(insert(db.table_of(TrustedIdRow)), self._trusted_rows)
             self._trusted_rows = []
+        if self._parked:
+            conn.execute(insert(_PARKED), [p.row for p in self._parked.values()])
+            self._parked = {}
+        if self._logged:
+            conn.execute(insert(_EVENT_LOG), list(self._logged.values()))
+            self._logged = {}
+
+    def _golden(self, person: bs.Person) -> str:
+        """The person's golden record from its records as the batch leaves them (what
+        `refresh_person` builds)."""
+        if person.status == "merged" and person.replaced_by:
+            golden = tombstone(person.id, person.replaced_by)
+        else:
+            replaces = (
+                ()
+                if person.id in self._no_merges
+                else [m.merged_id for m in db.merges_in_force(self.s, person.id)]
+            )
+            golden = golden_patient(
+                person.id,
+                [
+                    LinkedRecord(r.source, r.local_id, r.updated_ms, self._loads(r.snapshot))
+                    for r in self._person_records(person.id)
+                ],
+                self.svc.trusted,
+                replaces=replaces,
+            )
+        return orjson.dumps(golden).decode()
 
     # Lookups, answered from the batch where it can -----------------------------------------
-    def _record(self, key: RecordKey) -> SourceRecordRow | None:
+    def _record(self, key: RecordKey) -> bs.Record | None:
         if key not in self._records:
-            self._records[key] = db.source_record(self.s, *key)
+            self._records[key] = bs.record_by_key(self.conn, *key)
         return self._records[key]
 
-    def _person_row(self, person_id: str) -> PersonRow | None:
-        person = self._persons.get(person_id)
-        if person is None:
-            person = self.s.get(PersonRow, person_id)
-            if person is not None:
-                self._persons[person_id] = person
+    def _person_row(self, person_id: str) -> bs.Person | None:
+        if person_id in self._persons:
+            return self._persons[person_id]
+        person = self._persons[person_id] = bs.person_by_id(self.conn, person_id)
         return person
 
-    def _person_records(self, person_id: str) -> list[SourceRecordRow]:
+    def _person_records(self, person_id: str) -> list[bs.Record]:
         records = self._records_of.get(person_id)
         if records is None:
-            records = self._records_of[person_id] = db.records_of(self.s, person_id)
+            records = self._records_of[person_id] = self._known(
+                bs.records_of_persons(self.conn, [person_id])
+            )
         return records
 
     def _loads(self, text: str) -> Any:
@@ -550,7 +674,7 @@ class BatchWork:
             if person_id in self._no_tasks and person_id in self._no_merges:
                 state = IdentityState(person_id)  # what identity_state says, without asking
             else:
-                state = identity_state(self.s, person_id)
+                state = identity_state(self.s, person_id, self._trusted_of)
                 if not state.reasons:  # no open review task (until `_review` opens one)
                     self._no_tasks.add(person_id)
                 if not state.merges:  # no merge in force (the batch makes none)
@@ -558,13 +682,18 @@ class BatchWork:
             self._identity[person_id] = state
         return state
 
+    def _trusted_of(self, person_id: str) -> tuple[str, ...] | None:
+        """A person's trusted identifiers as the batch holds them (None: no such person)."""
+        person = self._person_row(person_id)
+        return _split(person.trusted_ids) if person is not None else None
+
     def _learn_state(self, person_id: str) -> None:
         """Find out (two precompiled queries) whether a person the batch has not asked about
         has an open review task or a merge in force; `identity` and `_refresh_person` then
         answer a person with neither without loading its rows."""
         if person_id in self._no_tasks and person_id in self._no_merges:
             return
-        conn = self.s.connection()
+        conn = self.conn
         params = {"p": person_id}
         if person_id not in self._no_tasks and conn.execute(_HAS_OPEN_TASK, params).first() is None:
             self._no_tasks.add(person_id)
@@ -586,23 +715,26 @@ class BatchWork:
         headers, to re-emit once resolved) or had a merge in force (its id, for review)."""
         if not (state.uncertain or state.merges) or not event_id:
             return
-        if db.logged_event(self.s, event_id, state.person) is not None:
+        logged = (event_id, state.person)
+        if logged in self._logged:
             return
-        self.s.add(
-            EventLogRow(
-                event_id=event_id,
-                person_id=state.person,
-                source=source,
-                local_id=local_id,
-                resource_type=resource_type,
-                emitted_ms=self.svc.clock(),
-                uncertain=state.uncertain,
-                candidates=candidates_json(state.candidates),
-                value=value if state.uncertain else None,
-                headers=orjson.dumps(headers).decode() if state.uncertain else None,
-            )
-        )
-        self.s.flush()
+        if self.conn.execute(_LOGGED, {"event_id": event_id, "person": state.person}).first():
+            return
+        # Written in `finish`, in the order logged (ids in emission order, as before).
+        self._logged[logged] = {
+            "event_id": event_id,
+            "person_id": state.person,
+            "source": source,
+            "local_id": local_id,
+            "resource_type": resource_type,
+            "emitted_ms": self.svc.clock(),
+            "uncertain": state.uncertain,
+            "candidates": candidates_json(state.candidates),
+            "value": value if state.uncertain else None,
+            "headers": orjson.dumps(headers).decode() if state.uncertain else None,
+            "reemitted_ms": None,
+            "reemitted_by": None,
+        }
 
     # Non-Patient resources -------------------------------------------------------------
     def person_for(self, source: str, local_id: str) -> PersonRef | None:
@@ -619,23 +751,30 @@ class BatchWork:
         """Keep a resource until its Patient arrives (once: a redelivery is not parked twice)."""
         if self._parked_keys is not None:
             self._parked_keys.add((m.source, m.local_id))
-        if db.parked_at(self.s, m.topic, m.partition, m.offset) is not None:
+        origin = (m.topic, m.partition, m.offset)
+        if origin in self._parked:
             return
-        self.s.add(
-            ParkedRow(
-                source=m.source,
-                local_id=m.local_id,
-                event_id=m.event_id,
-                topic=m.topic,
-                origin_partition=m.partition,
-                origin_offset=m.offset,
-                key=m.key,
-                value=m.value,
-                headers=orjson.dumps(m.headers).decode(),
-                parked_ms=self.svc.clock(),
-            )
+        params = {"topic": m.topic, "partition": m.partition, "offset": m.offset}
+        if self.conn.execute(_PARKED_AT, params).first() is not None:
+            return
+        # Written in `finish`, in the order parked (ids in arrival order, as before).
+        self._parked[origin] = _Parked(
+            m,
+            {
+                "source": m.source,
+                "local_id": m.local_id,
+                "event_id": m.event_id,
+                "topic": m.topic,
+                "origin_partition": m.partition,
+                "origin_offset": m.offset,
+                "key": m.key,
+                "value": m.value,
+                "headers": orjson.dumps(m.headers).decode(),
+                "parked_ms": self.svc.clock(),
+                "released_ms": None,
+                "released_by": None,
+            },
         )
-        self.s.flush()
 
     # Patients ----------------------------------------------------------------------------
     def link_patient(
@@ -643,9 +782,13 @@ class BatchWork:
     ) -> LinkOutcome:
         """Link a Patient's (source, local id) to a person. A source record seen before
         keeps its person; its demographics are updated and re-filed."""
-        svc, s = self.svc, self.s
+        svc = self.svc
         key = (source, local_id)
-        demo = extract_demographics(patient, svc.trusted)
+        cached = self._demos.get(id(patient))
+        if cached is not None and cached[0] is patient:
+            demo = cached[1]
+        else:
+            demo = extract_demographics(patient, svc.trusted)
         snap = orjson.dumps(snapshot(patient), option=orjson.OPT_SORT_KEYS).decode()
         now = svc.clock()
         rec = self._record(key)
@@ -662,11 +805,11 @@ class BatchWork:
                     rec.updated_ms = now
                     rec.demographics = _demographics_json(demo)
                     rec.snapshot = snap
-                    db.replace_identifiers(s, rec, demo)
+                    self._identifiers[key] = (rec, demo)
                     svc.index.put(key, rec.person_id, demo)
                     self._claim(demo.trusted, rec.person_id, key)
                     self._check_update(key, demo, rec.person_id)
-                s.add(rec)
+                self._changed_records[key] = rec
         if changed:
             person = self._refresh_person(rec.person_id, now)
             # Other records of this person looked up earlier in the batch: their trusted
@@ -682,41 +825,53 @@ class BatchWork:
 
     def _new_record(
         self, key: RecordKey, demo: Demographics, snap: str, event_id: str, now: int
-    ) -> tuple[SourceRecordRow, LinkEvent]:
-        svc, s = self.svc, self.s
+    ) -> tuple[bs.Record, LinkEvent]:
+        svc = self.svc
         source, local_id = key
         # Persons another replica created with one of these identifiers: file them first.
         owners = set(self._trusted_owners(demo.trusted).values())
         if owners:
             for pid in owners:
                 if not svc.index.records_of(pid):
-                    svc.store.load_person(s, svc.index, pid)
+                    svc.store.load_person(self.s, svc.index, pid)
         decision = svc.matcher.decide(demo, svc.index)
         person = self._person_row(decision.person_id) if decision.person_id else None
         if person is None:
-            person = PersonRow(id=str(uuid.uuid4()), golden="{}", created_ms=now, updated_ms=now)
-            s.add(person)
+            person = bs.Person(
+                id=str(uuid.uuid4()),
+                golden="{}",
+                trusted_ids="",
+                possible_match=False,
+                status="active",
+                replaced_by=None,
+                version=1,
+                created_ms=now,
+                updated_ms=now,
+            )
             self._persons[person.id] = person
+            self._new_persons[person.id] = person
             # A new person: no records yet, no review task, no merge.
             self._records_of[person.id] = []
             self._no_tasks.add(person.id)
             self._no_merges.add(person.id)
-        rec = SourceRecordRow(
+        records = self._person_records(person.id)  # read before the new record joins them
+        rec = bs.Record(
+            id=None,
             source=source,
             local_id=local_id,
             person_id=person.id,
             demographics=_demographics_json(demo),
             snapshot=snap,
+            version=1,
             last_event_id=event_id,
             created_ms=now,
             updated_ms=now,
+            linked_ms=0,
         )
-        s.add(rec)
-        s.flush()
+        self._new_records.append(rec)
         self._records[key] = rec
-        if person.id in self._records_of:
-            self._records_of[person.id].append(rec)  # the newest id: the end of the list
-        db.replace_identifiers(s, rec, demo, new=True)
+        records.append(rec)  # the newest id: the end of the list
+        self._identifiers[key] = (rec, demo)
         best = decision.candidates[0].weight if decision.candidates else None
         self._links.append(
             {
@@ -736,6 +891,8 @@ class BatchWork:
             self._review(key, person.id, item.candidate, item.reason)
         if decision.possible_match:
             person.possible_match = True
+            if person.read_version is not None:
+                self._changed_persons[person.id] = person
         svc.index.put(key, person.id, demo)
         self._claim(demo.trusted, person.id, key)
         log.debug(
@@ -788,7 +945,7 @@ class BatchWork:
         # Sticky: a person said this record is not that person; a merged person is no one.
         if db.no_link(self.s, source, local_id, candidate.person_id) is not None:
             return
-        other = self.s.get(PersonRow, candidate.person_id)
+        other = self._person_row(candidate.person_id)
         if other is not None and other.status != "active":
             return
         self._identity.pop(person_id, None)
@@ -813,26 +970,32 @@ class BatchWork:
         )
         self.s.flush()
 
-    def _person(self, rec: SourceRecordRow) -> PersonRef:
+    def _person(self, rec: bs.Record) -> PersonRef:
         person = self._person_row(rec.person_id)
         if person is None:  # a source record always has its person; never guess
             raise Unavailable(f"person {rec.person_id} of a source record is missing")
         return PersonRef(person.id, tuple(person.trusted_ids.split()))
 
     def _refresh_person(self, person_id: str, now: int) -> PersonRef:
-        """Rebuild the golden record and trusted identifiers from the person's records."""
+        """Rebuild the trusted identifiers from the person's records and bump its version
+        (what `refresh_person` does; its golden record is built once, in `finish`, and the
+        version compared-and-set there)."""
         self._identity.pop(person_id, None)
-        self._person_row(person_id)  # held for the batch
+        person = self._person_row(person_id)
+        if person is None:
+            raise Unavailable(f"person {person_id} is missing")
         self._learn_state(person_id)
-        return refresh_person(
-            self.s,
-            person_id,
-            now,
-            self.svc.trusted,
-            records=self._person_records(person_id),
-            replaces=() if person_id in self._no_merges else None,
-            loads=self._loads,
-        )
+        ids: dict[str, None] = {}
+        for r in self._person_records(person_id):
+            for token in self._loads(r.demographics).get("trusted", ()):
+                ids[token] = None
+        trusted = tuple(sorted(ids))
+        person.trusted_ids = " ".join(trusted)
+        person.version += 1
+        person.updated_ms = now
+        if person.read_version is not None:
+            self._changed_persons[person_id] = person
+        return PersonRef(person.id, trusted)
 
     def _release(self, source: str, local_id: str, event_id: str, now: int) -> list[ParkedMessage]:
         if self._parked_keys is not None and (source, local_id) not in self._parked_keys:
@@ -844,4 +1007,14 @@ class BatchWork:
                 row.released_by = event_id
                 self.s.add(row)
             out.append(ParkedMessage.from_row(row))
+        # Parked by this batch (not written yet): after those in the database, in order.
+        for parked in self._parked.values():
+            m, values = parked.message, parked.row
+            if (m.source, m.local_id) != (source, local_id):
+                continue
+            if values["released_ms"] is None:
+                values["released_ms"], values["released_by"] = now, event_id
+            elif values["released_by"] != event_id:
+                continue
+            out.append(m)
         return out
