@@ -817,7 +817,7 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> 
 
 @contextlib.contextmanager
 def ceiling_relay(
-    bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int
+    bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int, stages: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [
@@ -829,6 +829,7 @@ def ceiling_relay(
             ",".join(topics),
             "--fetch-max-wait-ms",
             str(fetch_max_wait_ms),
+            *(["--stages"] if stages else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -1192,7 +1193,7 @@ def run_ceiling(
     create_topics(bootstrap, topics)
     log(f"ceiling: a bare aiokafka relay, {args.ceiling_hops} hop(s), on the same broker")
     workloads = {name: relay_workload(evs, topics[-1]) for name, evs in events.items()}
-    with ceiling_relay(bootstrap, topics, args.ceiling_fetch_wait_ms) as relay:
+    with ceiling_relay(bootstrap, topics, args.ceiling_fetch_wait_ms, args.ceiling_stages) as relay:
         monitor.watch("ceiling-relay", relay.pid)
         reader = TopicReader(bootstrap, [topics[-1]])
         reader.start()
@@ -1222,7 +1223,8 @@ def ceiling_only(args: argparse.Namespace, events: dict[str, list[Event]]) -> in
             broker.stop()
     t = phases.throughput
     log(
-        f"\nceiling relay, fetch_max_wait_ms={args.ceiling_fetch_wait_ms}, hops={args.ceiling_hops}"
+        f"\nceiling relay{' (HDX stages)' if args.ceiling_stages else ''}, "
+        f"fetch_max_wait_ms={args.ceiling_fetch_wait_ms}, hops={args.ceiling_hops}"
     )
     log(f"  throughput {t.rate:,.0f} msg/s end to end, {t.steady_rate or 0:,.0f} steady")
     for name, phase in (("latency", phases.latency), ("light", phases.light)):
@@ -1448,6 +1450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=500,
         help="the relay's fetch_max_wait_ms (500: aiokafka's default, as HDX's stages)",
+    )
+    parser.add_argument(
+        "--ceiling-stages",
+        action="store_true",
+        help="the relay's hops as HDX stages (add_stage, a forwarding handler): the plumbing alone",
     )
     parser.add_argument(
         "--ceiling-only",
