@@ -1079,6 +1079,7 @@ def run_hdx(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
         # Seeding stores a consent per patient as fast as it can, as one (admin) client.
         "HDX_AUTH_RATE_LIMIT": "100000/second",
+        **dict(kv.split("=", 1) for kv in args.service_env),
     }
     if not args.bootstrap:
         env["HDX_KAFKA_IDEMPOTENCE"] = "false"  # the embedded broker has no InitProducerId
@@ -1126,7 +1127,7 @@ def run_hdx(
             """Scrape /metrics around each phase; py-spy the throughput phase if asked."""
             before = scrape_stages(stack)
             profilers: list[tuple[str, Profiler]] = []
-            if phase == "throughput":
+            if phase == args.profile_phase:
                 for svc in args.profile:
                     proc = stack.services[svc].process
                     assert proc is not None
@@ -1452,6 +1453,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the relay's fetch_max_wait_ms (500: aiokafka's default, as HDX's stages)",
     )
     parser.add_argument(
+        "--profile-phase",
+        default="throughput",
+        choices=("throughput", "latency", "light"),
+        help="the phase --profile records",
+    )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="HDX_NAME=VALUE",
+        help="a setting for every service (repeatable), e.g. HDX_CONSUMER_FETCH_MAX_WAIT_MS=5",
+    )
+    parser.add_argument(
         "--ceiling-stages",
         action="store_true",
         help="the relay's hops as HDX stages (add_stage, a forwarding handler): the plumbing alone",
@@ -1465,7 +1479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile",
         type=lambda s: [x for x in s.split(",") if x],
         default=[],
-        help="py-spy these services during phase 1 (comma-separated)",
+        help="py-spy these services during --profile-phase (comma-separated)",
     )
     parser.add_argument(
         "--stall-seconds", type=float, default=60.0, help="give up when nothing arrives for this"
@@ -1527,6 +1541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "light_seconds": args.light_seconds,
             "seed": args.seed,
             "ceiling_hops": args.ceiling_hops,
+            "service_env": args.service_env,
+            "pythonpath": os.environ.get("PYTHONPATH"),
         },
         "region": region.summary(),
         "traffic": summary,
