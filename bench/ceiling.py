@@ -2,7 +2,7 @@
 
 It does what every HDX stage does around its handler and nothing else: read a batch
 (getmany, up to 500 records, 20 ms), send every record on to the next topic with its key,
-value and headers (acks=all, linger 1 ms, idempotence off — as hdx_shared.messaging
+value and headers (acks=all, no linger, idempotence off — as hdx_shared.messaging
 configures HDX's producers), wait until the broker acknowledged all of them, then commit
 the batch's offsets. With several topics it chains one relay per hop in this one process.
 
@@ -86,7 +86,7 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=1, enable_idempotence=False
+        bootstrap_servers=bootstrap, acks="all", linger_ms=0, enable_idempotence=False
     )
     await producer.start()
     tag = uuid.uuid4().hex[:8]
