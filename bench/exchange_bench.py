@@ -1027,7 +1027,7 @@ def record_times(bootstrap: str, topics: Sequence[str]) -> dict[tuple[str, str],
                 topic, partition = msg.topic() or "", msg.partition() or 0
                 if (msg.offset() or 0) + 1 >= ends[(topic, partition)]:
                     done.add((topic, partition))
-                for k, v in msg.headers() or []:
+                for k, v in cast(list[tuple[str, bytes | None]], msg.headers() or []):
                     if k == "ce_id":
                         times.setdefault((topic, (v or b"").decode()), msg.timestamp()[1])
                         break
