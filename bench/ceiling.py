@@ -2,7 +2,7 @@
 
 It does what every HDX stage does around its handler and nothing else: read a batch
 (getmany, up to 500 records, 20 ms), send every record on to the next topic with its key,
-value and headers (acks=all, linger 1 ms, idempotence off — as hdx_shared.messaging
+value and headers (acks=all, no linger, idempotence off — as hdx_shared.messaging
 configures HDX's producers), wait until the broker acknowledged all of them, then commit
 the batch's offsets. With several topics it chains one relay per hop in this one process.
 
@@ -13,6 +13,10 @@ like a service's); run by hand:
         --topics bench.ceiling.0,bench.ceiling.1
 
 It prints "ready" once every relay has its partitions, and stops on SIGTERM or SIGINT.
+
+With `--stages` each hop is instead an HDX stage (`hdx_shared.messaging.add_stage` on
+`make_broker`, a handler that forwards every record unchanged): the same relay through
+HDX's own plumbing, to tell what the plumbing adds from what the services' handlers do.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import signal
 import sys
 import uuid
@@ -81,7 +86,7 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=1, enable_idempotence=False
+        bootstrap_servers=bootstrap, acks="all", linger_ms=0, enable_idempotence=False
     )
     await producer.start()
     tag = uuid.uuid4().hex[:8]
@@ -115,6 +120,59 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
     return 0
 
 
+async def run_stages(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int) -> int:
+    """The relay as HDX stages: add_stage with a forwarding handler, one per hop."""
+    from hdx_shared.messaging import Inbound, Outgoing, add_stage, make_broker, start_broker
+    from hdx_shared.settings import HdxSettings
+    from hdx_shared.topics import Topics
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    settings = HdxSettings(
+        kafka_bootstrap_servers=bootstrap,
+        kafka_idempotence=False,
+        consumer_fetch_max_wait_ms=fetch_max_wait_ms,
+        service_name="ceiling",
+    )
+    broker = make_broker(settings)
+    tag = uuid.uuid4().hex[:8]
+
+    def forward(target: str) -> Any:
+        async def handler(batch: Sequence[Inbound]) -> list[Outgoing]:
+            return [Outgoing(target, m.value, m.key, m.envelope.to_headers()) for m in batch]
+
+        return handler
+
+    stages = [
+        add_stage(
+            broker,
+            name=f"hop{i}",
+            topic=src,
+            group_id=f"bench-ceiling-{tag}-{i}",
+            handler=forward(dst),
+            settings=settings,
+            topics=Topics("bench."),
+        )
+        for i, (src, dst) in enumerate(itertools.pairwise(topics))
+    ]
+    await start_broker(broker)
+    try:
+        while not stop.is_set():
+            consumers = [getattr(s.subscriber, "consumer", None) for s in stages]
+            if all(c is not None and c.assignment() for c in consumers):
+                break
+            await asyncio.sleep(0.1)
+        print("ready", flush=True)
+        await stop.wait()
+        print(f"moved {sum(s.messages for s in stages)}", flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--bootstrap", required=True)
@@ -127,10 +185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=500,
         help="how long a fetch may wait for data (aiokafka's default, which HDX's stages use)",
     )
+    parser.add_argument(
+        "--stages", action="store_true", help="each hop an HDX stage (add_stage) instead"
+    )
     args = parser.parse_args(argv)
     topics = [t for t in args.topics.split(",") if t]
     if len(topics) < 2:
         parser.error("--topics needs an input and an output topic")
+    if args.stages:
+        return asyncio.run(run_stages(args.bootstrap, topics, args.fetch_max_wait_ms))
     return asyncio.run(run(args.bootstrap, topics, args.fetch_max_wait_ms))
 
 

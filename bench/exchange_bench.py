@@ -308,6 +308,7 @@ class Arrival:
     ce_id: str
     at_ns: int  # when this process received it (epoch ns)
     received_ms: int | None  # hdx_received_at: when HDX ingress accepted the message
+    record_ms: int = 0  # the record's own timestamp (when the delivery stage published it)
 
 
 class TopicReader(threading.Thread):
@@ -352,7 +353,9 @@ class TopicReader(threading.Thread):
                             ce_id = (v or b"").decode()
                         elif k == "hdx_received_at" and v:
                             received = int(v)
-                    self.arrivals.append(Arrival(msg.topic() or "", ce_id, now, received))
+                    self.arrivals.append(
+                        Arrival(msg.topic() or "", ce_id, now, received, msg.timestamp()[1])
+                    )
         finally:
             self.consumer.close()
 
@@ -460,6 +463,8 @@ class PhaseResult:
     steady_rate: float | None = None
     stages: dict[str, Any] = field(default_factory=dict)
     timeline: list[int] = field(default_factory=list)  # deliveries per second since start
+    published_ns: list[int] = field(default_factory=list)  # per message, epoch ns
+    hops_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -508,6 +513,8 @@ class PhaseResult:
             out["stages"] = self.stages
         if self.timeline:
             out["deliveries_per_second"] = self.timeline
+        if self.hops_ms:
+            out["hops_ms"] = self.hops_ms
         return out
 
 
@@ -637,6 +644,7 @@ def run_latency(
     result.latency_ms = distribution(e2e)
     result.ingress_to_feed_ms = distribution(ingress_feed)
     result.publish_to_ingress_ms = distribution(pub_ingress)
+    result.published_ns = published
     return result
 
 
@@ -809,7 +817,7 @@ def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> 
 
 @contextlib.contextmanager
 def ceiling_relay(
-    bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int
+    bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int, stages: bool = False
 ) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [
@@ -821,6 +829,7 @@ def ceiling_relay(
             ",".join(topics),
             "--fetch-max-wait-ms",
             str(fetch_max_wait_ms),
+            *(["--stages"] if stages else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -985,6 +994,75 @@ def run_phases(
     return Phases(throughput, latency, light)
 
 
+HOPS = ("validated", "identified", "routed", "decided")
+
+
+def record_times(bootstrap: str, topics: Sequence[str]) -> dict[tuple[str, str], int]:
+    """(topic, ce_id) → the record's timestamp (ms; the producer's send time, so for a
+    pipeline topic: when the stage writing it had handled the message), first occurrence."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-hops-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "log.connection.close": False,
+        }
+    )
+    try:
+        parts, ends = [], {}
+        for topic in topics:
+            md = consumer.list_topics(topic, timeout=10).topics[topic]
+            for p in md.partitions:
+                tp = TopicPartition(topic, p, OFFSET_BEGINNING)
+                parts.append(tp)
+                ends[(topic, p)] = consumer.get_watermark_offsets(tp, timeout=10)[1]
+        consumer.assign(parts)
+        times: dict[tuple[str, str], int] = {}
+        done = {k for k, end in ends.items() if end <= 0}
+        deadline = time.monotonic() + 60
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=5000, timeout=0.5):
+                if msg.error():
+                    continue
+                topic, partition = msg.topic() or "", msg.partition() or 0
+                if (msg.offset() or 0) + 1 >= ends[(topic, partition)]:
+                    done.add((topic, partition))
+                for k, v in cast(list[tuple[str, bytes | None]], msg.headers() or []):
+                    if k == "ce_id":
+                        times.setdefault((topic, (v or b"").decode()), msg.timestamp()[1])
+                        break
+        return times
+    finally:
+        consumer.close()
+
+
+def hop_trace(
+    bootstrap: str, prefix: str, work: Workload, result: PhaseResult, deliveries: Deliveries
+) -> dict[str, dict[str, float]]:
+    """Where a phase's latency goes, hop by hop: for every delivery, the time between the
+    records it caused on each pipeline topic (their timestamps: when each stage published).
+    `publish→validated` is the bench's publish to ingress's send; `decided→feed` consent's
+    send to delivery's; `feed→reader` the delivery's send to its arrival at the reader."""
+    times = record_times(bootstrap, [f"{prefix}{h}" for h in HOPS])
+    steps: dict[str, list[float]] = {}
+    for i, idents in enumerate(work.expects):
+        for ident in idents:
+            a = deliveries.first.get(ident)
+            if a is None or not a.record_ms:
+                continue
+            marks = [result.published_ns[i] / 1e6]
+            marks += [times.get((f"{prefix}{h}", ident[1]), 0) for h in HOPS]
+            marks += [a.record_ms, a.at_ns / 1e6]
+            if not all(marks):
+                continue
+            names = ["publish", *HOPS, "feed", "reader"]
+            for (n1, t1), (n2, t2) in zip(
+                zip(names, marks, strict=True), zip(names[1:], marks[1:], strict=True), strict=False
+            ):
+                steps.setdefault(f"{n1}→{n2}", []).append(t2 - t1)
+    return {k: distribution(v) for k, v in steps.items()}
+
+
 def run_hdx(
     args: argparse.Namespace, events: dict[str, list[Event]], region: Region
 ) -> dict[str, Any]:
@@ -1001,6 +1079,7 @@ def run_hdx(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "",
         # Seeding stores a consent per patient as fast as it can, as one (admin) client.
         "HDX_AUTH_RATE_LIMIT": "100000/second",
+        **dict(kv.split("=", 1) for kv in args.service_env),
     }
     if not args.bootstrap:
         env["HDX_KAFKA_IDEMPOTENCE"] = "false"  # the embedded broker has no InitProducerId
@@ -1048,7 +1127,7 @@ def run_hdx(
             """Scrape /metrics around each phase; py-spy the throughput phase if asked."""
             before = scrape_stages(stack)
             profilers: list[tuple[str, Profiler]] = []
-            if phase == "throughput":
+            if phase == args.profile_phase:
                 for svc in args.profile:
                     proc = stack.services[svc].process
                     assert proc is not None
@@ -1077,6 +1156,9 @@ def run_hdx(
             args,
             on_phase=on_phase,
         )
+        for key, phase in (("latency", out["hdx"].latency), ("light", out["hdx"].light)):
+            if phase is not None and phase.published_ns:
+                phase.hops_ms = hop_trace(bootstrap, prefix, workloads[key], phase, deliveries)
         all_expected = {i for w in workloads.values() for i in w.expected}
         all_denied = {i for w in workloads.values() for i in w.denied}
         deliveries.pull()
@@ -1112,7 +1194,7 @@ def run_ceiling(
     create_topics(bootstrap, topics)
     log(f"ceiling: a bare aiokafka relay, {args.ceiling_hops} hop(s), on the same broker")
     workloads = {name: relay_workload(evs, topics[-1]) for name, evs in events.items()}
-    with ceiling_relay(bootstrap, topics, args.ceiling_fetch_wait_ms) as relay:
+    with ceiling_relay(bootstrap, topics, args.ceiling_fetch_wait_ms, args.ceiling_stages) as relay:
         monitor.watch("ceiling-relay", relay.pid)
         reader = TopicReader(bootstrap, [topics[-1]])
         reader.start()
@@ -1142,7 +1224,8 @@ def ceiling_only(args: argparse.Namespace, events: dict[str, list[Event]]) -> in
             broker.stop()
     t = phases.throughput
     log(
-        f"\nceiling relay, fetch_max_wait_ms={args.ceiling_fetch_wait_ms}, hops={args.ceiling_hops}"
+        f"\nceiling relay{' (HDX stages)' if args.ceiling_stages else ''}, "
+        f"fetch_max_wait_ms={args.ceiling_fetch_wait_ms}, hops={args.ceiling_hops}"
     )
     log(f"  throughput {t.rate:,.0f} msg/s end to end, {t.steady_rate or 0:,.0f} steady")
     for name, phase in (("latency", phases.latency), ("light", phases.light)):
@@ -1320,6 +1403,13 @@ def report(
             log(f"  {label} phase: time since ingress when each stage finished (/metrics, ms)")
             for stage, q in hops:
                 log(f"    {stage:<30} p50 {q['p50']:>9,.1f}   p95 {q['p95']:>9,.1f}")
+    for label, phase in (("latency", lat), ("light", light)):
+        if phase is None or not phase.hops_ms:
+            continue
+        log("")
+        log(f"  {label} phase: hop by hop, from the records' timestamps (ms)")
+        for hop, d in phase.hops_ms.items():
+            log(f"    {hop:<30} p50 {d['p50']:>8,.1f}   p99 {d['p99']:>8,.1f}")
     c = out["checks"]
     log("")
     log(
@@ -1363,6 +1453,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the relay's fetch_max_wait_ms (500: aiokafka's default, as HDX's stages)",
     )
     parser.add_argument(
+        "--profile-phase",
+        default="throughput",
+        choices=("throughput", "latency", "light"),
+        help="the phase --profile records",
+    )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="HDX_NAME=VALUE",
+        help="a setting for every service (repeatable), e.g. HDX_CONSUMER_FETCH_MAX_WAIT_MS=5",
+    )
+    parser.add_argument(
+        "--ceiling-stages",
+        action="store_true",
+        help="the relay's hops as HDX stages (add_stage, a forwarding handler): the plumbing alone",
+    )
+    parser.add_argument(
         "--ceiling-only",
         action="store_true",
         help="only the broker and the relay (to experiment with the ceiling)",
@@ -1371,7 +1479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile",
         type=lambda s: [x for x in s.split(",") if x],
         default=[],
-        help="py-spy these services during phase 1 (comma-separated)",
+        help="py-spy these services during --profile-phase (comma-separated)",
     )
     parser.add_argument(
         "--stall-seconds", type=float, default=60.0, help="give up when nothing arrives for this"
@@ -1433,6 +1541,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "light_seconds": args.light_seconds,
             "seed": args.seed,
             "ceiling_hops": args.ceiling_hops,
+            "service_env": args.service_env,
+            "pythonpath": os.environ.get("PYTHONPATH"),
         },
         "region": region.summary(),
         "traffic": summary,

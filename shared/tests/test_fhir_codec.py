@@ -98,3 +98,65 @@ def test_references_parse() -> None:
     ref = Reference.parse("Patient/123")
     assert ref is not None and (ref.resource_type, ref.id) == ("Patient", "123")
     assert Reference.parse("#contained") is None
+
+
+# Compact JSON as orjson writes it takes parse_json's fast path (orjson, then checked);
+# anything the strict parser would refuse must still be refused, with the same outcome.
+@pytest.mark.parametrize(
+    ("raw", "reason", "says"),
+    [
+        (
+            b'{"resourceType":"Patient","id":"a","id":"b"}',
+            "invalid-json",
+            "duplicate JSON key 'id'",
+        ),
+        (
+            b'{"resourceType":"Patient","id":"a","id":"a"}',
+            "invalid-json",
+            "duplicate JSON key 'id'",
+        ),
+        (
+            b'{"resourceType":"Patient","name":[{"family":"X","family":"Y"}]}',
+            "invalid-json",
+            "duplicate JSON key 'family'",
+        ),
+        (b'{"resourceType":"Patient","gender":null}', "invalid-json", "'gender' is null"),
+        (b'{"resourceType":"Patient","name":[]}', "invalid-json", "'name' is empty"),
+        (b'{"resourceType":"Patient","id":""}', "invalid-json", "'id' is empty"),
+        (b'{"resourceType":"Patient","name":[{}]}', "invalid-json", "empty JSON object"),
+        (b'{"resourceType":"Patient","name":[null]}', "invalid-json", "null or empty"),
+        (
+            b'{"resourceType":"Patient","name":[{"given":["A",""]}]}',
+            "invalid-json",
+            "null or empty",
+        ),
+        (b'{"resourceType":"Patient","meta":{"tag":[{"code":null}]}}', "invalid-json", "null"),
+        (b"{}", "invalid-json", "empty JSON object"),
+        (b'["Patient"]', "invalid-json", "JSON object"),
+        (b'{"resourceType":"Observation","valueQuantity":{"value":NaN}}', "invalid", ""),
+    ],
+)
+def test_compact_input_is_refused_as_the_strict_parser_refuses_it(
+    raw: bytes, reason: str, says: str
+) -> None:
+    with pytest.raises(FhirError) as info:
+        decode_resource(raw)
+    assert info.value.reason.startswith(reason)
+    assert says in orjson.dumps(info.value.outcome()).decode()
+
+
+def test_compact_and_spaced_json_parse_alike() -> None:
+    spaced = orjson.dumps(OBS, option=orjson.OPT_INDENT_2)
+    assert parse_json(orjson.dumps(OBS)) == parse_json(spaced) == OBS
+    escaped = b'{"resourceType":"Patient","id":"p1","name":[{"family":"Br\\u00f6nte"}]}'
+    assert parse_json(escaped)["name"][0]["family"] == "Br\u00f6nte"
+    big = b'{"resourceType":"Basic","id":"b","n":123456789012345678901234567890}'
+    assert parse_json(big)["n"] == 123456789012345678901234567890
+
+
+def test_the_depth_limit_holds_for_compact_input() -> None:
+    deep = b'{"resourceType":"Basic","a":' * 40 + b"1" + b"}" * 40
+    with pytest.raises(FhirError) as info:
+        parse_json(deep, Limits(max_depth=32))
+    assert info.value.reason == "too-deep"
+    assert parse_json(deep, Limits(max_depth=41))["resourceType"] == "Basic"

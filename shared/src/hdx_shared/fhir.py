@@ -138,6 +138,52 @@ def _depth(value: Any, limit: int) -> None:
             stack.extend((v, d + 1) for v in node if type(v) in (dict, list))
 
 
+def _clean(doc: dict[str, Any], limit: int) -> bool:
+    """True if no object in `doc` is empty or has a null or empty value (or a list holding
+    a null or an empty string), and nothing is nested deeper than `limit` — what the strict
+    parser checks besides duplicate keys (`_strict_object`, `_depth`)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            return False
+        if type(node) is dict:
+            if not node:
+                return False
+            for v in node.values():
+                t = type(v)
+                if t is dict:
+                    stack.append((v, d + 1))
+                elif t is list:
+                    if not v or None in v or "" in v:
+                        return False
+                    stack.append((v, d + 1))
+                elif v is None or v == "":
+                    return False
+        else:  # a list: its values were checked with the object holding it
+            stack.extend((v, d + 1) for v in node if type(v) is dict or type(v) is list)
+    return True
+
+
+def _parse_canonical(raw: bytes, limits: Limits) -> dict[str, Any] | None:
+    """The common case, cheaply: JSON exactly as orjson writes it (compact, no escapes it
+    would not write), clean. orjson keeps the last of duplicate keys, so the document is
+    written back and compared: equal bytes mean no key was dropped. None when the strict
+    parser must decide (anything else — and every error, so its messages stay the same)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or not _clean(doc, limits.max_depth):
+        return None
+    try:
+        if orjson.dumps(doc) != raw:
+            return None
+    except TypeError:  # e.g. an integer beyond 64 bits
+        return None
+    return doc
+
+
 def parse_json(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
     """Strict FHIR JSON: size, syntax, duplicates, nulls, empties, depth; a dict or FhirError."""
     if len(raw) > limits.max_bytes:
@@ -151,6 +197,9 @@ def parse_json(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
             ],
             http_status=413,
         )
+    fast = _parse_canonical(raw, limits)
+    if fast is not None:
+        return fast
     try:
         doc = json.loads(raw, object_pairs_hook=_strict_object)
     except _StrictJsonError as exc:

@@ -38,6 +38,7 @@ from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.subscriber.usecase import BatchSubscriber
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -301,6 +302,44 @@ async def record_values(message: Any) -> Any:
     return message.body
 
 
+_clock = time.monotonic  # PromptBatchSubscriber's clock (a test gives it another)
+
+
+class PromptBatchSubscriber(BatchSubscriber):
+    """faststream's batch subscriber without its idle nap.
+
+    faststream's own `get_msg`, when a `getmany` found nothing within the batch timeout,
+    sleeps for the batch timeout again before the next `getmany`; a record that arrives in
+    that nap waits up to its whole length (20 ms), at every hop — at light load most of what
+    HDX's stages added over a bare relay (docs/performance.md, "Light-load latency"). Here
+    the next `getmany` follows at once: it waits for records itself (returning as soon as
+    the fetcher has any), so an idle stage still sleeps in it, not in a loop. Only if a
+    `getmany` came back empty well before its timeout (which aiokafka does not do, but a
+    spinning loop must never be the price) is the rest of the timeout slept."""
+
+    __slots__ = ()
+
+    async def get_msg(self, consumer: Any) -> tuple[Any, ...]:
+        started = _clock()
+        messages = await consumer.getmany(
+            timeout_ms=self.batch_timeout_ms, max_records=self.max_records
+        )
+        if messages:
+            return tuple(r for records in messages.values() for r in records)
+        rest = self.batch_timeout_ms / 1000 - (_clock() - started)
+        if rest > self.batch_timeout_ms / 2000:
+            await asyncio.sleep(rest)
+        return ()
+
+
+def prompt(subscriber: Any) -> Any:
+    """The stage's faststream batch subscriber, made a `PromptBatchSubscriber` (same state,
+    only `get_msg` differs); any other kind of subscriber is left as it is."""
+    if type(subscriber) is BatchSubscriber:
+        subscriber.__class__ = PromptBatchSubscriber
+    return subscriber
+
+
 def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
     """A faststream broker set up for HDX: acks from all replicas, idempotence where it works."""
     security: Any = None
@@ -320,7 +359,7 @@ def make_broker(settings: HdxSettings, **kwargs: Any) -> KafkaBroker:
         settings.kafka_bootstrap_servers,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
-        linger_ms=1,
+        linger_ms=settings.producer_linger_ms,
         max_batch_size=settings.producer_max_batch_bytes,
         metadata_max_age_ms=settings.kafka_metadata_max_age_ms,
         # Per-batch "Received"/"Processed" lines are debugging detail, not operations.
@@ -846,6 +885,7 @@ def add_stage(
         parser=_tolerant_parser,
         title=name,
     )
+    prompt(health.subscriber)
     health.subscriber(consume)
     return health
 

@@ -30,6 +30,13 @@ from hdx_shared.telemetry import kafka_middlewares, setup_tracing
 from hdx_shared.topics import Topics, TopicSpec
 
 
+def audit_log_settings(settings: ExchangeSettings) -> ExchangeSettings:
+    """The audit log stage's settings: its fetches wait `audit_log_fetch_max_wait_ms`, or
+    the stages' own wait if that is longer."""
+    wait = max(settings.consumer_fetch_max_wait_ms, settings.audit_log_fetch_max_wait_ms)
+    return settings.model_copy(update={"consumer_fetch_max_wait_ms": wait})
+
+
 def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     settings = settings or ExchangeSettings()
     topics = Topics(settings.topic_prefix)
@@ -74,13 +81,13 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
             topic=topic,
             group_id=topics.group(f"exchange-{name}"),
             handler=handler,
-            settings=settings,
+            settings=stage_settings,
             topics=topics,
         )
-        for name, topic, handler in (
-            ("router", topics.identified, pipeline.route),
-            ("delivery", topics.decided, pipeline.deliver),
-            ("audit-log", topics.audit, audit_log.record),
+        for name, topic, handler, stage_settings in (
+            ("router", topics.identified, pipeline.route, settings),
+            ("delivery", topics.decided, pipeline.deliver, settings),
+            ("audit-log", topics.audit, audit_log.record, audit_log_settings(settings)),
         )
     ]
     runtime.readiness_checks.append(lambda: registry.error)

@@ -18,6 +18,12 @@ class ExchangeSettings(HdxSettings):
     max_bundle_entries: int = Field(default=10_000, ge=1)
     # How often each replica re-reads subscriptions and publishers written by another.
     registry_refresh_seconds: float = Field(default=2.0, gt=0)
+    # How long the audit log's fetches wait for AuditEvents (at least the stages' own
+    # HDX_CONSUMER_FETCH_MAX_WAIT_MS). The audit log is off the path to the feeds: on a
+    # broker that answers a fetch only when its wait is up (the embedded Tansu) it need not
+    # poll as briskly as the pipeline, and each poll costs the broker and the exchange CPU;
+    # fewer, larger batches also mean fewer transactions and anchors.
+    audit_log_fetch_max_wait_ms: int = Field(default=100, ge=1)
     # The base URL subscribers see in notification Bundles.
     public_base_url: str = "http://127.0.0.1:8003/fhir"
     # rest-hook channels: each POST's timeout, retries with exponential back-off and full
