@@ -222,6 +222,39 @@ def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
     assert index.candidates(demo(family="Ada", given="Lovelace", birth_date=None)) == {"P1"}
 
 
+def test_blocking_finds_an_identifier_one_keying_error_away() -> None:
+    index = PersonIndex()
+    system = "urn:hdx:org:a:mrn"
+    index.put(
+        ("s", "1"),
+        "P1",
+        demo(family="Moody", given="Blake", identifiers=[{"system": system, "value": "4137787"}]),
+    )
+    index.put(
+        ("s", "2"),
+        "P2",
+        demo(family="Lane", given="Ann", identifiers=[{"system": system, "value": "12345"}]),
+    )
+
+    def other(value: str, in_system: str = system) -> Demographics:
+        # Nothing else in common with P1: only the identifier can find it.
+        return demo(
+            family="Tilley",
+            given="Jacob",
+            birth_date="1901-01-01",
+            postcode="ZZ1 1ZZ",
+            phone="0000",
+            identifiers=[{"system": in_system, "value": value}],
+        )
+
+    assert index.candidates(other("4137877")) == {"P1"}  # two adjacent digits swapped
+    assert index.candidates(other("4137797")) == {"P1"}  # one digit wrong
+    assert index.candidates(other("4137787")) == {"P1"}  # the same value
+    assert index.candidates(other("4137877", "urn:other")) == set()  # another system
+    assert index.candidates(other("4173877")) == set()  # two keying errors
+    assert index.candidates(other("12354")) == set()  # too short to count (MIN_KEYED_LENGTH)
+
+
 def test_blocking_finds_a_nickname_without_a_birth_date() -> None:
     index = PersonIndex()
     index.put(("s", "1"), "P1", demo(family="Smith", given="Anthony", birth_date=None))
@@ -507,3 +540,4 @@ def test_household_shapes_of_pairs_at_one_home() -> None:
     # The same pairs sharing an identifier: what a person's own records look like.
     assert anchor_shapes(ada, twin, compare(ada, twin)) == {Shape.TWIN}
     assert anchor_shapes(ada, mother, compare(ada, mother)) == {Shape.GENERATION}
+

@@ -12,6 +12,11 @@ chosen so that each kind of error one field can carry leaves another key intact:
 - ``t:<phone>``                   — same phone line
 - ``a:<address line>``            — same house, postcode typed wrong or missing
 - ``i:<system>|<value>``          — the same untrusted identifier (a hospital number)
+- ``k:<system>|<value less one character>`` — untrusted identifiers one keying error
+  apart (a digit typed wrong, two adjacent digits swapped: what the comparator's
+  one-digit level is): the value's deletion neighbourhood, one key per position, so two
+  values one substitution or one adjacent swap apart share a key; only values at least
+  ``MIN_KEYED_LENGTH`` long, as the comparator counts only those
 
 Queries add variants that an index key cannot hold: the birth date with day and month
 swapped, and the family names a person was known by before (maiden names).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from hdx_patient_index.domain.comparators import metaphone, soundex
+from hdx_patient_index.domain.comparators import MIN_KEYED_LENGTH, metaphone, soundex
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.normalise import compact, given_name_forms
 
@@ -33,6 +38,13 @@ def _swapped(d: date) -> date | None:
         return d.replace(month=d.day, day=d.month)
     except ValueError:
         return None
+
+
+def deletion_neighbourhood(value: str) -> set[str]:
+    """The value with one character left out, at each position: two values of one length
+    one substitution apart share the variant without that position, and two one adjacent
+    swap apart share the variant without either swapped character."""
+    return {value[:i] + value[i + 1 :] for i in range(len(value))}
 
 
 def index_keys(d: Demographics) -> frozenset[str]:
@@ -52,6 +64,12 @@ def index_keys(d: Demographics) -> frozenset[str]:
     keys.update(f"t:{p}" for p in d.phones)
     keys.update(f"a:{compact(line)}" for line in d.addresses if " " in line)
     keys.update(f"i:{i.system}|{i.value}" for i in d.identifiers if i.system)
+    keys.update(
+        f"k:{i.system}|{variant}"
+        for i in d.identifiers
+        if i.system and len(i.value) >= MIN_KEYED_LENGTH
+        for variant in deletion_neighbourhood(i.value)
+    )
     return frozenset(keys)
 
 
