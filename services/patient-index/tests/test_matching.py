@@ -541,3 +541,23 @@ def test_household_shapes_of_pairs_at_one_home() -> None:
     assert anchor_shapes(ada, twin, compare(ada, twin)) == {Shape.TWIN}
     assert anchor_shapes(ada, mother, compare(ada, mother)) == {Shape.GENERATION}
 
+
+def test_a_name_in_the_wrong_field_weighs_as_agreeing_only_where_the_data_show_no_twins() -> None:
+    andrew = person("andrew", "1908-03-27", family="rawlings", gender="male")
+    # 'rawlings' keyed as the given name, the family name replaced: the name in the wrong
+    # field and nothing else about the names agreeing.
+    crossed = replace(andrew, family="lachlan", given=("rawlings",))
+    levels = compare(andrew, crossed)
+    assert levels[Field.GIVEN] is Level.DISAGREE and levels[Field.FAMILY] is Level.DISAGREE
+    with_twins = Matcher(MatchConfig())
+    without = Matcher(MatchConfig(lifted_holds=frozenset({Hold.TWIN})))
+    weights = with_twins.config.weights
+    gain = weights.weight(Field.GIVEN, Level.EXACT) - weights.weight(Field.GIVEN, Level.DISAGREE)
+    assert without.weigh(andrew, crossed)[0] == pytest.approx(
+        with_twins.weigh(andrew, crossed)[0] + gain
+    )
+    assert without.weigh(crossed, andrew)[0] == pytest.approx(without.weigh(andrew, crossed)[0])
+    # Thomas Thomas and John Thomas: the given name is the family's own, not a mix-up.
+    thomas = person("thomas", "1990-05-05", family="thomas", gender="male")
+    john = person("john", "1990-05-05", family="thomas", gender="male")
+    assert without.weigh(thomas, john)[0] == with_twins.weigh(thomas, john)[0]
