@@ -225,6 +225,10 @@ def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
 def test_blocking_finds_an_identifier_one_keying_error_away() -> None:
     index = PersonIndex()
     system = "urn:hdx:org:a:mrn"
+
+    def mrn(value: str) -> dict[str, str]:
+        return {"system": system, "value": value}
+
     index.put(
         ("s", "1"),
         "P1",
@@ -253,6 +257,11 @@ def test_blocking_finds_an_identifier_one_keying_error_away() -> None:
     assert index.candidates(other("4137877", "urn:other")) == set()  # another system
     assert index.candidates(other("4173877")) == set()  # two keying errors
     assert index.candidates(other("12354")) == set()  # too short to count (MIN_KEYED_LENGTH)
+    # A variant in common without being one keying error apart: shifted, not a candidate.
+    index.put(("s", "3"), "P3", demo(family="Cole", given="Ben", identifiers=[mrn("1378770")]))
+    assert index.candidates(other("4137877")) == {"P1"}
+    index.remove(("s", "1"))
+    assert index.candidates(other("4137877")) == set()
 
 
 def test_blocking_finds_a_nickname_without_a_birth_date() -> None:
