@@ -220,6 +220,9 @@ def _home(line: str | None, postcode: str | None) -> Demographics:
         (("12 station rd", "LS14AB"), ("12 station rd", "LS14BA"), Level.EXACT),  # pc typo
         (("12 station rd", "LS14AB"), ("12 station rd", "M11AE"), Level.SAME_LINE),
         (("12 station rd", "LS14AB"), ("14 station rd", "LS14AB"), Level.PARTIAL),
+        # Another number on a street spelt a little differently (Jaro–Winkler ≥ JW_LOW, as
+        # for the same number): a typo in each, or a neighbour.
+        (("5 werriwa ur escent", "4205"), ("25 werriwa coescent", "4205"), Level.PARTIAL),
         (("12 station rd", "LS14AB"), ("3 mill ln", "LS14AB"), Level.SAME_POSTCODE),
         (("12 station rd", "4305"), ("3 mill ln", "4350"), Level.ONE_DIGIT),
         (("12 station rd", "LS14AB"), ("3 mill ln", "LS19ZZ"), Level.DISTRICT),

@@ -109,3 +109,15 @@ def test_current_address_lines_are_kept_normalised_and_round_trip() -> None:
     assert Demographics.from_json(d.to_json()) == d
     # Snapshots stored before addresses were extracted still load.
     assert Demographics.from_json({"family": "x"}).addresses == ()
+
+
+def test_a_first_line_that_is_only_a_house_number_takes_the_next_line_as_its_street() -> None:
+    def lines(*raw: str) -> tuple[str, ...]:
+        patient = {"resourceType": "Patient", "address": [{"use": "home", "line": list(raw)}]}
+        return extract_demographics(patient, TrustedSystems()).addresses
+
+    assert lines("53", "Kyeema Street") == ("53 kyeema st",)
+    assert lines("12a", "Station Road", "Leeds") == ("12a station rd",)
+    assert lines("53") == ("53",)  # nothing to join
+    assert lines("Flat 3", "12 Station Road") == ("flat 3",)  # a first line with words stays
+    assert lines("12 Station Road", "Flat 3") == ("12 station rd",)

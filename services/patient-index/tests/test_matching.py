@@ -222,6 +222,48 @@ def test_blocking_finds_a_swapped_birth_date_and_swapped_names() -> None:
     assert index.candidates(demo(family="Ada", given="Lovelace", birth_date=None)) == {"P1"}
 
 
+def test_blocking_finds_an_identifier_one_keying_error_away() -> None:
+    index = PersonIndex()
+    system = "urn:hdx:org:a:mrn"
+
+    def mrn(value: str) -> dict[str, str]:
+        return {"system": system, "value": value}
+
+    index.put(
+        ("s", "1"),
+        "P1",
+        demo(family="Moody", given="Blake", identifiers=[{"system": system, "value": "4137787"}]),
+    )
+    index.put(
+        ("s", "2"),
+        "P2",
+        demo(family="Lane", given="Ann", identifiers=[{"system": system, "value": "12345"}]),
+    )
+
+    def other(value: str, in_system: str = system) -> Demographics:
+        # Nothing else in common with P1: only the identifier can find it.
+        return demo(
+            family="Tilley",
+            given="Jacob",
+            birth_date="1901-01-01",
+            postcode="ZZ1 1ZZ",
+            phone="0000",
+            identifiers=[{"system": in_system, "value": value}],
+        )
+
+    assert index.candidates(other("4137877")) == {"P1"}  # two adjacent digits swapped
+    assert index.candidates(other("4137797")) == {"P1"}  # one digit wrong
+    assert index.candidates(other("4137787")) == {"P1"}  # the same value
+    assert index.candidates(other("4137877", "urn:other")) == set()  # another system
+    assert index.candidates(other("4173877")) == set()  # two keying errors
+    assert index.candidates(other("12354")) == set()  # too short to count (MIN_KEYED_LENGTH)
+    # A variant in common without being one keying error apart: shifted, not a candidate.
+    index.put(("s", "3"), "P3", demo(family="Cole", given="Ben", identifiers=[mrn("1378770")]))
+    assert index.candidates(other("4137877")) == {"P1"}
+    index.remove(("s", "1"))
+    assert index.candidates(other("4137877")) == set()
+
+
 def test_blocking_finds_a_nickname_without_a_birth_date() -> None:
     index = PersonIndex()
     index.put(("s", "1"), "P1", demo(family="Smith", given="Anthony", birth_date=None))
@@ -507,3 +549,24 @@ def test_household_shapes_of_pairs_at_one_home() -> None:
     # The same pairs sharing an identifier: what a person's own records look like.
     assert anchor_shapes(ada, twin, compare(ada, twin)) == {Shape.TWIN}
     assert anchor_shapes(ada, mother, compare(ada, mother)) == {Shape.GENERATION}
+
+
+def test_a_name_in_the_wrong_field_weighs_as_agreeing_only_where_the_data_show_no_twins() -> None:
+    andrew = person("andrew", "1908-03-27", family="rawlings", gender="male")
+    # 'rawlings' keyed as the given name, the family name replaced: the name in the wrong
+    # field and nothing else about the names agreeing.
+    crossed = replace(andrew, family="lachlan", given=("rawlings",))
+    levels = compare(andrew, crossed)
+    assert levels[Field.GIVEN] is Level.DISAGREE and levels[Field.FAMILY] is Level.DISAGREE
+    with_twins = Matcher(MatchConfig())
+    without = Matcher(MatchConfig(lifted_holds=frozenset({Hold.TWIN})))
+    weights = with_twins.config.weights
+    gain = weights.weight(Field.GIVEN, Level.EXACT) - weights.weight(Field.GIVEN, Level.DISAGREE)
+    assert without.weigh(andrew, crossed)[0] == pytest.approx(
+        with_twins.weigh(andrew, crossed)[0] + gain
+    )
+    assert without.weigh(crossed, andrew)[0] == pytest.approx(without.weigh(andrew, crossed)[0])
+    # Thomas Thomas and John Thomas: the given name is the family's own, not a mix-up.
+    thomas = person("thomas", "1990-05-05", family="thomas", gender="male")
+    john = person("john", "1990-05-05", family="thomas", gender="male")
+    assert without.weigh(thomas, john)[0] == with_twins.weigh(thomas, john)[0]

@@ -13,6 +13,16 @@ chosen so that each kind of error one field can carry leaves another key intact:
 - ``a:<address line>``            — same house, postcode typed wrong or missing
 - ``i:<system>|<value>``          — the same untrusted identifier (a hospital number)
 
+and, kept apart from those (`keyed_keys`, filed by `PersonIndex` on their own):
+
+- ``k:<system>|<value less one character>`` — untrusted identifiers one keying error
+  apart (a digit typed wrong, two adjacent digits swapped: what the comparator's
+  one-digit level is): the value's deletion neighbourhood, one key per position, so two
+  values one substitution or one adjacent swap apart share a key; only values at least
+  ``MIN_KEYED_LENGTH`` long, as the comparator counts only those. Values that share a
+  variant without being one keying error apart ('1234567' and '2345678') are not
+  candidates: the index checks the values before the pair is weighed.
+
 Queries add variants that an index key cannot hold: the birth date with day and month
 swapped, and the family names a person was known by before (maiden names).
 """
@@ -20,8 +30,9 @@ swapped, and the family names a person was known by before (maiden names).
 from __future__ import annotations
 
 from datetime import date
+from functools import lru_cache
 
-from hdx_patient_index.domain.comparators import metaphone, soundex
+from hdx_patient_index.domain.comparators import MIN_KEYED_LENGTH, metaphone, soundex
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.normalise import compact, given_name_forms
 
@@ -33,6 +44,22 @@ def _swapped(d: date) -> date | None:
         return d.replace(month=d.day, day=d.month)
     except ValueError:
         return None
+
+
+def deletion_neighbourhood(value: str) -> set[str]:
+    """The value with one character left out, at each position: two values of one length
+    one substitution apart share the variant without that position, and two one adjacent
+    swap apart share the variant without either swapped character."""
+    return {value[:i] + value[i + 1 :] for i in range(len(value))}
+
+
+@lru_cache(maxsize=65_536)
+def _keyed_variants(system: str, value: str) -> tuple[str, ...]:
+    """The ``k:`` keys of one identifier (each record's are built twice: to file it and to
+    look its candidates up)."""
+    if len(value) < MIN_KEYED_LENGTH:
+        return ()
+    return tuple(f"k:{system}|{variant}" for variant in deletion_neighbourhood(value))
 
 
 def index_keys(d: Demographics) -> frozenset[str]:
@@ -52,6 +79,16 @@ def index_keys(d: Demographics) -> frozenset[str]:
     keys.update(f"t:{p}" for p in d.phones)
     keys.update(f"a:{compact(line)}" for line in d.addresses if " " in line)
     keys.update(f"i:{i.system}|{i.value}" for i in d.identifiers if i.system)
+    return frozenset(keys)
+
+
+def keyed_keys(d: Demographics) -> frozenset[str]:
+    """The ``k:`` keys of a record's untrusted identifiers (their deletion neighbourhoods):
+    filed and looked up alike, since the neighbourhood is symmetric."""
+    keys: set[str] = set()
+    for i in d.identifiers:
+        if i.system:
+            keys.update(_keyed_variants(i.system, i.value))
     return frozenset(keys)
 
 

@@ -241,8 +241,9 @@ def _compare_line(x: str, y: str) -> Level:
     if nx == ny:
         # The same house number on a street spelt a little differently.
         return Level.FUZZY_HIGH if street >= JW_LOW else Level.DISAGREE
-    if street >= JW_HIGH and nx and ny:
-        # The same street, another number: a typo in the number, or a neighbour.
+    if street >= JW_LOW and nx and ny:
+        # The same street (spelt a little differently, as for the same number above),
+        # another number: a typo in the number, or a neighbour.
         return Level.PARTIAL
     return Level.DISAGREE
 
@@ -253,7 +254,8 @@ _LINE_ORDER = (Level.EXACT, Level.FUZZY_HIGH, Level.PARTIAL, Level.DISAGREE)
 def compare_lines(a: Demographics, b: Demographics) -> Level:
     """The best agreement between any current address line of one and of the other:
     exact, same number on a street spelt a little differently (fuzzy-high), same street
-    with another number (partial), disagree; missing when a side has no line."""
+    (spelt a little differently or not) with another number (partial), disagree; missing
+    when a side has no line."""
     if not a.addresses or not b.addresses:
         return Level.MISSING
     best = Level.DISAGREE

@@ -175,6 +175,18 @@ def extract_identifiers(
     return tuple(good), tuple(other)
 
 
+def _first_line(raw: list[str]) -> str | None:
+    """The address's first line, normalised. A first line that is only a house number
+    ('53', then 'kyeema' — a source that keeps the number in a field of its own) is
+    joined with the next: '53 kyeema', as the same address reads in one line elsewhere."""
+    first = normalise_address_line(raw[0]) if raw else None
+    if first and " " not in first and any(c.isdigit() for c in first) and len(raw) > 1:
+        street = normalise_address_line(raw[1])
+        if street:
+            return f"{first} {street}"
+    return first
+
+
 def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) -> Demographics:
     """The demographics of a FHIR R4 Patient (a parsed JSON dict), normalised."""
     names = _dicts(patient.get("name"))
@@ -198,8 +210,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         pc = normalise_postcode(raw_pc) if isinstance(raw_pc, str) else None
         if pc:
             postcodes[pc] = None
-        first = next(iter(_strs(a.get("line"))), None)
-        line = normalise_address_line(first)
+        line = _first_line(_strs(a.get("line")))
         if line:
             lines[line] = None
     phones: dict[str, None] = {}

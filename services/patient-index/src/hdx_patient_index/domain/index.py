@@ -12,7 +12,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from hdx_patient_index.domain.blocking import index_keys, query_keys
+from hdx_patient_index.domain.blocking import index_keys, keyed_keys, query_keys
+from hdx_patient_index.domain.comparators import Level, compare_identifiers
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.identifiers import Identifier
 
@@ -34,6 +35,10 @@ class PersonIndex:
         self._persons: dict[str, set[RecordKey]] = {}
         self._blocks: dict[str, set[RecordKey]] = {}
         self._trusted: dict[Identifier, set[RecordKey]] = {}
+        # Untrusted identifiers by deletion variant (`blocking.keyed_keys`). Tuples, not
+        # sets: ~7 variants a record, nearly all held by one record, and tuples of strings
+        # are no work for the garbage collector.
+        self._keyed: dict[str, tuple[RecordKey, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -48,6 +53,7 @@ class PersonIndex:
             self._persons.clear()
             self._blocks.clear()
             self._trusted.clear()
+            self._keyed.clear()
 
     def put(self, key: RecordKey, person_id: str, demographics: Demographics) -> None:
         """File (or re-file) one source record; idempotent."""
@@ -64,6 +70,9 @@ class PersonIndex:
                 self._blocks.setdefault(b, set()).add(key)
             for t in demographics.trusted:
                 self._trusted.setdefault(t, set()).add(key)
+            keyed = self._keyed
+            for b in keyed_keys(demographics):
+                keyed[b] = (*keyed.get(b, ()), key)
 
     def remove(self, key: RecordKey) -> None:
         with self._lock:
@@ -90,6 +99,12 @@ class PersonIndex:
                 holders.discard(rec.key)
                 if not holders:
                     del self._trusted[t]
+        for b in keyed_keys(rec.demographics):
+            rest = tuple(k for k in self._keyed.get(b, ()) if k != rec.key)
+            if rest:
+                self._keyed[b] = rest
+            else:
+                self._keyed.pop(b, None)
 
     def person_of(self, key: RecordKey) -> str | None:
         rec = self._records.get(key)
@@ -123,10 +138,19 @@ class PersonIndex:
             }
 
     def candidates(self, demographics: Demographics) -> set[str]:
-        """Persons sharing at least one blocking key with these demographics."""
+        """Persons sharing at least one blocking key with these demographics, or an
+        untrusted identifier one keying error away (`blocking.keyed_keys`)."""
         with self._lock:
-            return {
+            found = {
                 self._records[k].person_id
                 for b in query_keys(demographics)
                 for k in self._blocks.get(b, ())
             }
+            for b in keyed_keys(demographics):
+                for k in self._keyed.get(b, ()):
+                    rec = self._records[k]
+                    if rec.person_id not in found and (
+                        compare_identifiers(demographics, rec.demographics) is Level.ONE_DIGIT
+                    ):
+                        found.add(rec.person_id)
+            return found

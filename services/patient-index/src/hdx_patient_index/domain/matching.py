@@ -214,6 +214,24 @@ def _crossed(a: Demographics, b: Demographics) -> bool:
     return bool((fa and gb == fa and fb != fa) or (fb and ga == fb and fa != fb))
 
 
+def crossed_gain(
+    a: Demographics, b: Demographics, levels: Mapping[Field, Level], weights: MatchWeights
+) -> float:
+    """What a given name that is the other record's family name (`_crossed`: 'rawlings
+    lacjlan' / 'andrew rawlings', one name keyed in the wrong field and the other replaced)
+    adds over the given name's disagreement: it is weighed as the given name agreeing
+    (its EXACT weight, no term frequency). 0 for any other pair.
+
+    `Matcher.weigh` adds it only where the model lifts the twin rule (a population whose
+    data show no twins, `MatchModel.lifted_holds`): a twin's record with its names swapped
+    ('weller ebony' for Ebony Weller) carries the family name the other twin's record has,
+    so where there are twins this is no evidence of one person."""
+    given = levels.get(Field.GIVEN)
+    if given not in _GIVEN_DIFFERS or not _crossed(a, b):
+        return 0.0
+    return weights.weight(Field.GIVEN, Level.EXACT) - weights.weight(Field.GIVEN, given)
+
+
 def agreement(a: Demographics, b: Demographics, levels: Mapping[Field, Level]) -> tuple[bool, bool]:
     """(the given name agrees, the birth date agrees): the two fields that tell the
     members of one household apart. A given name agrees when it is the same, a nickname,
@@ -390,7 +408,10 @@ class Matcher:
 
     def weigh(self, a: Demographics, b: Demographics) -> tuple[float, dict[Field, Level]]:
         levels = compare(a, b)
-        return self.config.weights.score(a, levels, b), levels
+        weight = self.config.weights.score(a, levels, b)
+        if Hold.TWIN in self.config.lifted_holds:
+            weight += crossed_gain(a, b, levels, self.config.weights)
+        return weight, levels
 
     def probability(self, weight: float) -> float:
         """The posterior probability of a match, from the weight and the prior odds."""
