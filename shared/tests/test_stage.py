@@ -8,7 +8,8 @@ import uuid
 from collections.abc import Sequence
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
+from topic_reading import read_values
 
 from hdx_shared.embedded_broker import BrokerEndpoint
 from hdx_shared.messaging import (
@@ -24,22 +25,6 @@ from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics, TopicSpec
 
 pytestmark = [pytest.mark.broker]
-
-
-async def _read(bootstrap: str, topic: str, count: int, wait_s: float = 30) -> list[bytes]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    deadline = time.monotonic() + wait_s
-    try:
-        while len(out) < count and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(r.value for r in records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes], partitions: int = 1):  # type: ignore[no-untyped-def]
@@ -91,7 +76,7 @@ async def test_a_failed_batch_is_redelivered_and_its_output_sent_once(
     values = [f"m{i}".encode() for i in range(20)]
     broker, health, dst, _ = await _run_stage(kafka, flaky, values)
     try:
-        got = await _read(kafka.bootstrap_servers, dst, len(values))
+        got = await read_values(kafka.bootstrap_servers, dst, len(values))
         assert sorted(got) == sorted(values)
         assert health.dead_lettered == 0
     finally:
@@ -111,9 +96,9 @@ async def test_a_poison_message_is_dead_lettered_and_the_partition_moves_on(
     values = [b"a", b"b", b"poison", b"c", b"d", b"e", b"f"]
     broker, health, dst, topics = await _run_stage(kafka, poisoned, values, partitions=3)
     try:
-        got = await _read(kafka.bootstrap_servers, dst, 6)
+        got = await read_values(kafka.bootstrap_servers, dst, 6)
         assert sorted(got) == [b"a", b"b", b"c", b"d", b"e", b"f"]
-        dead = await _read(kafka.bootstrap_servers, topics.deadletter, 1)
+        dead = await read_values(kafka.bootstrap_servers, topics.deadletter, 1)
         assert dead == [b"poison"]
         assert health.dead_lettered == 1
     finally:
@@ -132,7 +117,7 @@ async def test_unavailable_state_waits_and_never_dead_letters(kafka: BrokerEndpo
     broker, health, dst, _ = await _run_stage(kafka, needs_state, values)
     try:
         await asyncio.sleep(0.5)
-        got = await _read(kafka.bootstrap_servers, dst, 3)
+        got = await read_values(kafka.bootstrap_servers, dst, 3)
         assert sorted(got) == sorted(values)
         assert health.dead_lettered == 0
         assert health.ready

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from topic_reading import read_values
 
 from hdx_shared import messaging
 from hdx_shared.embedded_broker import BrokerEndpoint
@@ -69,22 +70,6 @@ async def test_a_new_assignment_clears_a_commit_the_old_group_refused() -> None:
     health.failed("publish", RuntimeError("KafkaTimeoutError"))
     await FinishBatchBeforeRebalance(health).on_partitions_assigned(set())
     assert health.failing is not None, "a failing publish is not the group's business"
-
-
-async def _read(bootstrap: str, topic: str, count: int, wait_s: float = 30) -> list[bytes]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    deadline = time.monotonic() + wait_s
-    try:
-        while len(out) < count and time.monotonic() < deadline:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                out.extend(r.value for r in records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def _committed(settings: HdxSettings, group: str, topic: str, wait_s: float = 30) -> int:
@@ -164,12 +149,12 @@ async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_t
     )
     await start_broker(broker)
     try:
-        got = await _read(kafka.bootstrap_servers, dst, len(values))
+        got = await read_values(kafka.bootstrap_servers, dst, len(values))
         # Once the group holds the batch's offsets, a batch sent twice would already be out
         # (publishing comes before committing).
         assert await _committed(settings, f"g{tag}", first) == len(values)
         await asyncio.wait_for(health.idle.wait(), 10)
-        got = await _read(kafka.bootstrap_servers, dst, len(values) + 1, wait_s=1)
+        got = await read_values(kafka.bootstrap_servers, dst, len(values) + 1, wait_s=1)
         assert sorted(got) == sorted(values), f"batches handled: {batches}"
         assert health.failing is None
     finally:
