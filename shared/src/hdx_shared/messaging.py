@@ -513,7 +513,13 @@ RECONNECT_WATCH_SECONDS = 60.0
 
 
 def _connections(producer: Any) -> frozenset[Any] | None:
-    conns = getattr(getattr(producer, "client", None), "_conns", None)
+    return _client_connections(getattr(producer, "client", None))
+
+
+def _client_connections(client: Any) -> frozenset[Any] | None:
+    """An aiokafka client's broker connections now (None if it cannot tell): a connection
+    that is gone from it was lost, and the broker may have restarted meanwhile."""
+    conns = getattr(client, "_conns", None)
     return frozenset(conns.values()) if isinstance(conns, dict) else None
 
 
@@ -765,13 +771,15 @@ def add_stage(
         if tracing_enabled():
             batch, spans = _consume_spans(batch, name, group_id)
         health.busy_since = time.monotonic()
-        membership = _membership(getattr(msg, "consumer", None))
+        consumer = getattr(msg, "consumer", None)
+        membership = _membership(consumer)
+        links = _client_connections(getattr(consumer, "_client", None))
         done = False
         try:
             with _batch_scope(batch, name):
                 out = await _handle(batch)
                 if out is not None:
-                    done = await _publish_and_commit(batch, out, msg, membership)
+                    done = await _publish_and_commit(batch, out, msg, membership, links)
         finally:
             if not done:
                 # Rewind: nothing of this batch is committed and it comes back (also when a
@@ -821,6 +829,7 @@ def add_stage(
         out: Sequence[Outgoing],
         msg: KafkaMessage,
         membership: tuple[int, str] | None,
+        links: frozenset[Any] | None,
     ) -> bool:
         try:
             await publish_all(broker, out)
@@ -858,7 +867,7 @@ def add_stage(
             log.info("stage %s: the consumer group changed during the batch; not committed", name)
             return False
         try:
-            await commit_batch(msg, batch)
+            await commit_batch(msg, batch, links)
         except Exception as exc:
             # Everything is published; a later commit covers these offsets, or after a
             # rebalance the new owner handles the batch again (duplicates, never losses).
@@ -976,7 +985,9 @@ def _last_offsets(batch: Sequence[Inbound]) -> dict[TopicPartition, int]:
     return last
 
 
-async def commit_batch(msg: KafkaMessage, batch: Sequence[Inbound]) -> None:
+async def commit_batch(
+    msg: KafkaMessage, batch: Sequence[Inbound], links: frozenset[Any] | None = None
+) -> None:
     """Commit the consumer's positions: this batch and everything before it.
 
     One case needs more than faststream's `ack`: a pattern subscription (the ingress reads
@@ -985,11 +996,26 @@ async def commit_batch(msg: KafkaMessage, batch: Sequence[Inbound]) -> None:
     assigned") and the batch, already published, would come through again. The member and
     its generation stay the group's until `FinishBatchBeforeRebalance` lets the rebalance go
     on, so the batch's own offsets are committed through the group coordinator directly; a
-    group that has moved on refuses them (CommitFailedError), as it would any late commit."""
+    group that has moved on refuses them (CommitFailedError), as it would any late commit.
+
+    Only while every broker connection the consumer had when the batch arrived (`links`,
+    `_client_connections`) is still the one it has: topics also vanish from a pattern's
+    subscription when the broker restarts empty, and a restarted Tansu accepts commits from
+    members of groups it has forgotten — offsets of the old topics' records would then skip
+    records of the re-created ones. Any doubt, and the batch comes back (a duplicate, never a
+    loss)."""
     consumer: Any = getattr(msg, "consumer", None)
     subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
     coordinator = getattr(consumer, "_coordinator", None)
-    if subscription is None or subscription.assignment is not None or coordinator is None:
+    now = _client_connections(getattr(consumer, "_client", None))
+    if (
+        subscription is None
+        or subscription.assignment is not None
+        or coordinator is None
+        or links is None
+        or now is None
+        or not links <= now
+    ):
         await msg.ack()
         return
     offsets = {tp: OffsetAndMetadata(o + 1, "") for tp, o in _last_offsets(batch).items()}
