@@ -4,13 +4,12 @@ so another replica joining or a new publisher topic does not send a batch throug
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Sequence
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from topic_reading import read_values
+from aiokafka import AIOKafkaProducer
+from topic_reading import committed_offset, read_values
 
 from hdx_shared import messaging
 from hdx_shared.embedded_broker import BrokerEndpoint
@@ -72,27 +71,6 @@ async def test_a_new_assignment_clears_a_commit_the_old_group_refused() -> None:
     assert health.failing is not None, "a failing publish is not the group's business"
 
 
-async def _committed(settings: HdxSettings, group: str, topic: str, wait_s: float = 30) -> int:
-    """The group's committed offset on the topic's partition 0, once it has one."""
-    # A consumer of the group that never subscribes: it only asks the coordinator.
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        group_id=group,
-        enable_auto_commit=False,
-    )
-    await reader.start()
-    try:
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            found = await reader.committed(TopicPartition(topic, 0))
-            if found is not None:
-                return int(found)
-            await asyncio.sleep(0.2)
-        return -1
-    finally:
-        await reader.stop()
-
-
 @pytest.mark.broker
 async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_twice(
     kafka: BrokerEndpoint,
@@ -152,7 +130,7 @@ async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_t
         got = await read_values(kafka.bootstrap_servers, dst, len(values))
         # Once the group holds the batch's offsets, a batch sent twice would already be out
         # (publishing comes before committing).
-        assert await _committed(settings, f"g{tag}", first) == len(values)
+        assert await committed_offset(kafka.bootstrap_servers, f"g{tag}", first) == len(values)
         await asyncio.wait_for(health.idle.wait(), 10)
         got = await read_values(kafka.bootstrap_servers, dst, len(values) + 1, wait_s=1)
         assert sorted(got) == sorted(values), f"batches handled: {batches}"

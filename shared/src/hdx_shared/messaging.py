@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
@@ -746,6 +746,7 @@ def add_stage(
     before the handler is reached (parsing), and tries a failed commit once more."""
     health = StageHealth(name, failure_seconds=settings.stage_failure_seconds)
     attempts = _Attempts()
+    resume = ResumeAfterReconnect(name)
     backoff = {"unavailable": 0.0, "publish": 0.0}
 
     async def consume(_body: list[bytes], msg: KafkaMessage) -> None:
@@ -774,6 +775,14 @@ def add_stage(
         consumer = getattr(msg, "consumer", None)
         membership = _membership(consumer)
         links = _client_connections(getattr(consumer, "_client", None))
+        if await resume.rewound(consumer, links):
+            # Fetched from positions that may point into a log the broker no longer has:
+            # not handled; the partitions are read again from the group's committed offsets.
+            await KafkaMessage.ack(msg)  # done for faststream, nothing committed
+            for span in spans:
+                span.end()
+            health.busy_since = None
+            return
         done = False
         try:
             with _batch_scope(batch, name):
@@ -858,19 +867,20 @@ def add_stage(
         health.batches += 1
         health.messages += len(batch)
         _record_metrics(name, batch, out, topics, getattr(msg, "consumer", None))
-        now = _membership(getattr(msg, "consumer", None))
-        if membership is not None and (now != membership or now[0] < 0 or not now[1]):
-            # The group changed under the batch (a rebalance, or a broker that forgot the
-            # group): its offsets belong to an assignment that is gone, and a commit now would
-            # be taken as a standalone commit, skipping records on re-created topics. The
-            # batch comes back under the new assignment (duplicates, never losses).
-            log.info("stage %s: the consumer group changed during the batch; not committed", name)
-            return False
         try:
-            await commit_batch(msg, batch, links)
+            await commit_batch(msg, batch, membership, links)
+        except CommitRefused as exc:
+            # The group or the connection changed under the batch: its offsets may belong to
+            # an assignment or a log that is gone. The batch comes back under the new
+            # assignment (duplicates, never losses).
+            log.info("stage %s: not committed: %s", name, exc)
+            return False
         except Exception as exc:
             # Everything is published; a later commit covers these offsets, or after a
             # rebalance the new owner handles the batch again (duplicates, never losses).
+            # Not tried again by faststream: by then the member may be gone, and a commit
+            # without a member is taken as a stranger's (see commit_batch).
+            await KafkaMessage.ack(msg)
             health.failed("commit", exc)
             log.warning("stage %s could not commit: %s: %s", name, type(exc).__name__, exc)
         else:
@@ -985,42 +995,131 @@ def _last_offsets(batch: Sequence[Inbound]) -> dict[TopicPartition, int]:
     return last
 
 
+class CommitRefused(Exception):
+    """The batch's offsets are not committed: the group or the broker changed under it."""
+
+
+# How often a commit the broker cannot take for the moment (coordinator moving, a timeout)
+# is sent again before the next batch's commit is left to cover it.
+COMMIT_TRIES = 3
+
+
 async def commit_batch(
-    msg: KafkaMessage, batch: Sequence[Inbound], links: frozenset[Any] | None = None
+    msg: KafkaMessage,
+    batch: Sequence[Inbound],
+    membership: tuple[int, str] | None = None,
+    links: frozenset[Any] | None = None,
 ) -> None:
-    """Commit the consumer's positions: this batch and everything before it.
+    """Commit the consumer's positions (this batch and everything before it) as the group
+    member that fetched the batch, or raise CommitRefused.
 
-    One case needs more than faststream's `ack`: a pattern subscription (the ingress reads
-    every publisher's topic) that sees a new topic makes aiokafka drop the current
-    assignment at once, before the rebalance starts — so `commit()` refuses ("No partitions
-    assigned") and the batch, already published, would come through again. The member and
-    its generation stay the group's until `FinishBatchBeforeRebalance` lets the rebalance go
-    on, so the batch's own offsets are committed through the group coordinator directly; a
-    group that has moved on refuses them (CommitFailedError), as it would any late commit.
+    Refused when the member's generation is no longer the one it had when the batch arrived
+    (`membership`). aiokafka's own `commit()` does not check: once a heartbeat has found the
+    member gone (a rebalance, or a broker that restarted empty) it commits with no member at
+    all, which the broker takes as a standalone consumer's commit — a restarted broker then
+    holds offsets from its forgotten log, and the records re-sent into the re-created topics
+    below them are never read. The check and the request are made under aiokafka's commit
+    lock with no await between them, so no heartbeat can reset the member in between.
 
-    Only while every broker connection the consumer had when the batch arrived (`links`,
-    `_client_connections`) is still the one it has: topics also vanish from a pattern's
-    subscription when the broker restarts empty, and a restarted Tansu accepts commits from
-    members of groups it has forgotten — offsets of the old topics' records would then skip
-    records of the re-created ones. Any doubt, and the batch comes back (a duplicate, never a
-    loss)."""
+    Refused, too, when a broker connection the consumer had when the batch arrived (`links`,
+    `_client_connections`) is gone: the broker may have restarted meanwhile, and a restarted
+    Tansu accepts commits from members of groups it has forgotten.
+
+    A pattern subscription (the ingress reads every publisher's topic) that sees a new topic
+    makes aiokafka drop the current assignment at once, before the rebalance starts; then the
+    batch's own offsets are committed instead of the positions, while the old generation
+    lasts (`FinishBatchBeforeRebalance` holds the rebalance for it)."""
     consumer: Any = getattr(msg, "consumer", None)
     subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
-    coordinator = getattr(consumer, "_coordinator", None)
-    now = _client_connections(getattr(consumer, "_client", None))
-    if (
-        subscription is None
-        or subscription.assignment is not None
-        or coordinator is None
-        or links is None
-        or now is None
-        or not links <= now
-    ):
-        await msg.ack()
+    coordinator: Any = getattr(consumer, "_coordinator", None)
+    lock = getattr(coordinator, "_commit_lock", None)
+    send_commit = getattr(coordinator, "_do_commit_offsets", None)
+    if subscription is None or lock is None or send_commit is None or membership is None:
+        await msg.ack()  # aiokafka's internals moved: its own commit, unchecked
         return
-    offsets = {tp: OffsetAndMetadata(o + 1, "") for tp, o in _last_offsets(batch).items()}
-    await coordinator.commit_offsets(None, offsets)
+    now = _client_connections(getattr(consumer, "_client", None))
+    if links is None or now is None or not links <= now:
+        raise CommitRefused("a broker connection was lost since the batch arrived")
+    assignment = subscription.assignment
+    if assignment is not None:
+        offsets = assignment.all_consumed_offsets()
+    else:
+        offsets = {tp: OffsetAndMetadata(o + 1, "") for tp, o in _last_offsets(batch).items()}
+    for attempt in range(1, COMMIT_TRIES + 1):
+        await coordinator.ensure_coordinator_known()
+        async with lock:
+            if _membership(consumer) != membership or membership[0] < 0 or not membership[1]:
+                raise CommitRefused("the consumer group changed since the batch arrived")
+            try:
+                await send_commit(assignment, offsets)
+            except KafkaError as exc:
+                if not exc.retriable or attempt == COMMIT_TRIES:
+                    raise
+            else:
+                break
+        await asyncio.sleep(0.1 * attempt)
     await KafkaMessage.ack(msg)  # marks it done for faststream, without a second commit
+
+
+class ResumeAfterReconnect:
+    """Resumes a stage from its group's committed offsets, not from its positions in memory,
+    once its consumer has lost a broker connection.
+
+    A broker that restarted without its data (the embedded Tansu) re-creates the topics
+    empty. Until a heartbeat finds the member gone and the group is joined again, aiokafka
+    goes on fetching from the old positions — and once the publishers have re-sent as many
+    records as a partition held before, those positions are valid again and the re-sent
+    records below them would be skipped. On a broker that kept its data the committed
+    offsets are where the stage was anyway (every batch commits before the next is handled),
+    so the rewind costs only fetching the batch in hand again."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.known: frozenset[Any] | None = None
+
+    async def rewound(self, consumer: Any, links: frozenset[Any] | None) -> bool:
+        """True if the consumer lost a connection since the last batch: then the batch
+        fetched now is not to be handled, and its partitions were rewound."""
+        if links is None:
+            return False
+        known = self.known
+        if known is None or known <= links:
+            self.known = links
+            return False
+        try:
+            await asyncio.wait_for(rewind_to_committed(consumer), 30)
+        except Exception as exc:
+            # Tried again with the next batch (the connections are still not the known
+            # ones); nothing is handled until it has worked.
+            log.warning(
+                "stage %s: cannot rewind to the committed offsets after a reconnect: %s: %s",
+                self.stage,
+                type(exc).__name__,
+                exc,
+            )
+            await asyncio.sleep(0.5)
+            return True
+        self.known = _client_connections(getattr(consumer, "_client", None)) or links
+        log.info(
+            "stage %s: the consumer lost a broker connection; reading on from the group's "
+            "committed offsets",
+            self.stage,
+        )
+        return True
+
+
+async def rewind_to_committed(consumer: Any) -> None:
+    """Seek every assigned partition to the group's committed offset, or to its beginning
+    where the group has none (every stage reads from the earliest record)."""
+    uncommitted: list[TopicPartition] = []
+    for tp in consumer.assignment():
+        committed = await consumer.committed(tp)
+        if committed is None:
+            uncommitted.append(tp)
+        else:
+            consumer.seek(tp, committed)
+    if uncommitted:
+        await consumer.seek_to_beginning(*uncommitted)
 
 
 async def _isolate_poison(
