@@ -28,6 +28,7 @@ from hdx_shared.messaging import (
     Inbound,
     Outgoing,
     ResumeAfterReconnect,
+    RewindFailed,
     add_stage,
     ensure_topics,
     make_broker,
@@ -177,3 +178,26 @@ async def test_after_a_lost_connection_the_batch_is_not_handled_and_the_stage_re
     assert consumer.sought == {TopicPartition("t", 0): 7}
     assert consumer.to_beginning == [TopicPartition("t", 1)], "no commit: from the beginning"
     assert not await resume.rewound(consumer, frozenset({new})), "once per lost connection"
+
+
+async def test_a_rewind_that_fails_is_tried_again_and_nothing_is_handled_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Away:
+        def assignment(self) -> set[TopicPartition]:
+            return {TopicPartition("t", 0)}
+
+        async def committed(self, tp: TopicPartition) -> int | None:
+            raise ConnectionError("the broker is still away")
+
+    monkeypatch.setattr(asyncio, "sleep", _no_sleep)
+    resume = ResumeAfterReconnect("delivery")
+    old, new = object(), object()
+    assert not await resume.rewound(Away(), frozenset({old}))
+    for _ in range(2):  # the batch comes back: the rewind is tried again
+        with pytest.raises(RewindFailed):
+            await resume.rewound(Away(), frozenset({new}))
+
+
+async def _no_sleep(_seconds: float) -> None:
+    return None

@@ -743,7 +743,8 @@ def add_stage(
     batch caused was acknowledged, and rewinds them (seek) when the batch must come back,
     so a failing commit or publish is seen (`StageHealth.problem`) and logged here, with the
     batch's trace ids. faststream's NACK_ON_ERROR stays as the backstop for what fails
-    before the handler is reached (parsing), and tries a failed commit once more."""
+    before the handler is reached (parsing); a failed commit is not sent again (see
+    `commit_batch`)."""
     health = StageHealth(name, failure_seconds=settings.stage_failure_seconds)
     attempts = _Attempts()
     resume = ResumeAfterReconnect(name)
@@ -775,13 +776,20 @@ def add_stage(
         consumer = getattr(msg, "consumer", None)
         membership = _membership(consumer)
         links = _client_connections(getattr(consumer, "_client", None))
-        if await resume.rewound(consumer, links):
+        try:
+            skip = await resume.rewound(consumer, links)
+        except RewindFailed:
+            skip = True
+            await msg.nack()  # the batch comes again, and the rewind is tried again then
+        if skip:
             # Fetched from positions that may point into a log the broker no longer has:
             # not handled; the partitions are read again from the group's committed offsets.
-            await KafkaMessage.ack(msg)  # done for faststream, nothing committed
+            if not msg.committed:
+                await KafkaMessage.ack(msg)  # done for faststream, nothing committed
             for span in spans:
                 span.end()
             health.busy_since = None
+            health.last_progress = time.monotonic()
             return
         done = False
         try:
@@ -1061,6 +1069,10 @@ async def commit_batch(
     await KafkaMessage.ack(msg)  # marks it done for faststream, without a second commit
 
 
+class RewindFailed(Exception):
+    """The partitions could not be rewound after a reconnect (the broker is still away)."""
+
+
 class ResumeAfterReconnect:
     """Resumes a stage from its group's committed offsets, not from its positions in memory,
     once its consumer has lost a broker connection.
@@ -1079,7 +1091,8 @@ class ResumeAfterReconnect:
 
     async def rewound(self, consumer: Any, links: frozenset[Any] | None) -> bool:
         """True if the consumer lost a connection since the last batch: then the batch
-        fetched now is not to be handled, and its partitions were rewound."""
+        fetched now is not to be handled, and its partitions were rewound. RewindFailed if
+        they could not be: the batch must come back, and its next arrival tries again."""
         if links is None:
             return False
         known = self.known
@@ -1089,8 +1102,8 @@ class ResumeAfterReconnect:
         try:
             await asyncio.wait_for(rewind_to_committed(consumer), 30)
         except Exception as exc:
-            # Tried again with the next batch (the connections are still not the known
-            # ones); nothing is handled until it has worked.
+            # The connections are still not the known ones: tried again when the batch comes
+            # back, and nothing is handled until it has worked.
             log.warning(
                 "stage %s: cannot rewind to the committed offsets after a reconnect: %s: %s",
                 self.stage,
@@ -1098,7 +1111,7 @@ class ResumeAfterReconnect:
                 exc,
             )
             await asyncio.sleep(0.5)
-            return True
+            raise RewindFailed(str(exc)) from exc
         self.known = _client_connections(getattr(consumer, "_client", None)) or links
         log.info(
             "stage %s: the consumer lost a broker connection; reading on from the group's "
