@@ -32,6 +32,7 @@ from hdx_shared.messaging import (
     add_stage,
     ensure_topics,
     make_broker,
+    rewind_to_beginning,
     start_broker,
 )
 from hdx_shared.settings import HdxSettings
@@ -201,3 +202,27 @@ async def test_a_rewind_that_fails_is_tried_again_and_nothing_is_handled_meanwhi
 
 async def _no_sleep(_seconds: float) -> None:
     return None
+
+
+async def test_a_reader_without_a_group_rewinds_to_the_beginning() -> None:
+    """A change feed every replica reads whole keeps no offsets: after a lost connection it
+    reads its partitions again from the start."""
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.to_beginning: list[TopicPartition] = []
+
+        def assignment(self) -> set[TopicPartition]:
+            return {TopicPartition("consents", 0)}
+
+        async def committed(self, tp: TopicPartition) -> int | None:
+            raise AssertionError("a reader without a group has no committed offsets")
+
+        async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+            self.to_beginning.extend(tps)
+
+    resume = ResumeAfterReconnect("consent-changes", rewind=rewind_to_beginning)
+    consumer = Consumer()
+    assert not await resume.rewound(consumer, frozenset({object()}))
+    assert await resume.rewound(consumer, frozenset({object()}))
+    assert consumer.to_beginning == [TopicPartition("consents", 0)]

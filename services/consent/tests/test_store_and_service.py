@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -13,6 +13,7 @@ import pytest
 
 from hdx_consent.domain import ConsentInvalid, DecisionRequest, Policy
 from hdx_consent.examples import consent, provision
+from hdx_consent.models import ConsentVersion
 from hdx_consent.service import ConsentService, change_record
 from hdx_consent.settings import ConsentSettings
 from hdx_consent.store import ConsentStore, VersionConflict
@@ -184,6 +185,65 @@ async def test_changes_from_other_replicas(store: ConsentStore) -> None:
     assert reader.evaluate(treat()).permit
     assert not reader.apply_change(None)
     assert not reader.apply_change(b"{broken")
+
+
+async def test_a_change_the_topic_lost_reaches_other_replicas_from_the_database(
+    store: ConsentStore,
+) -> None:
+    """A broker that restarts without its data loses consents-topic records: each replica
+    re-reads what was recorded lately, so a withdrawal reaches it all the same."""
+    writer = ConsentService(store, Policy(), TOPICS, FakeBus())
+    await writer.load()
+    reader = ConsentService(store, Policy(), TOPICS, reconcile_overlap=0)
+    assert await reader.reconcile() == 0  # not loaded yet: nothing to catch up with
+    await reader.load()
+    assert await reader.reconcile() == 0
+
+    v1 = await writer.write(consent(provision("deny")))  # its record never reaches reader
+    cid = v1.row.consent_id
+    assert reader.evaluate(treat()).permit
+    assert await reader.reconcile() == 1
+    assert not reader.evaluate(treat()).permit
+
+    await writer.write(consent(provision("deny"), status="inactive", id=cid), consent_id=cid)
+    assert await reader.reconcile() == 1
+    assert reader.evaluate(treat()).permit
+    assert await reader.reconcile() == 0  # nothing newer since
+    assert not reader.apply_change(change_record(TOPICS, v1.row).value)  # the feed, late
+
+
+async def test_reconcile_reaches_back_by_the_overlap(store: ConsentStore) -> None:
+    """A version stamped by a writer whose clock is behind (or whose commit was slow) is
+    still found: each re-read starts the overlap before the last one."""
+    reader = ConsentService(store, Policy(), TOPICS, reconcile_overlap=300)
+    await reader.load()
+    await reader.reconcile()
+    store.append(
+        "late",
+        consent(provision("deny"), id="late"),
+        patient_key="Patient/p1",
+        status="active",
+    )
+    with store._session() as s:  # as if stamped 2 minutes ago by a slow clock
+        row = s.get(ConsentVersion, ("late", 1))
+        assert row is not None
+        row.recorded = datetime.now(UTC) - timedelta(minutes=2)
+        s.add(row)
+        s.commit()
+    assert await reader.reconcile() == 1
+    assert not reader.evaluate(treat()).permit
+
+
+async def test_reconcile_fails_closed_when_the_database_is_down(tmp_path: Path) -> None:
+    store = ConsentStore(make_engine(ConsentSettings(database_url=f"sqlite:///{tmp_path}/c.db")))
+    service = ConsentService(store, Policy(), TOPICS)
+    await service.load()
+    (tmp_path / "c.db").unlink()
+    (tmp_path / "c.db").mkdir()  # the file is gone and cannot be created again
+    store.engine.dispose()
+    with pytest.raises(Unavailable):
+        await service.reconcile()
+    assert service.readiness() is not None
 
 
 async def test_database_check_sets_readiness(tmp_path: Path) -> None:

@@ -1085,8 +1085,17 @@ class ResumeAfterReconnect:
     offsets are where the stage was anyway (every batch commits before the next is handled),
     so the rewind costs only fetching the batch in hand again."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(
+        self,
+        stage: str,
+        rewind: Callable[[Any], Awaitable[None]] | None = None,
+        where: str = "the group's committed offsets",
+    ) -> None:
         self.stage = stage
+        # A reader without a consumer group (a change feed every replica reads whole) has no
+        # committed offsets: it passes rewind_to_beginning.
+        self.rewind = rewind or rewind_to_committed
+        self.where = where
         self.known: frozenset[Any] | None = None
 
     async def rewound(self, consumer: Any, links: frozenset[Any] | None) -> bool:
@@ -1100,13 +1109,14 @@ class ResumeAfterReconnect:
             self.known = links
             return False
         try:
-            await asyncio.wait_for(rewind_to_committed(consumer), 30)
+            await asyncio.wait_for(self.rewind(consumer), 30)
         except Exception as exc:
             # The connections are still not the known ones: tried again when the batch comes
             # back, and nothing is handled until it has worked.
             log.warning(
-                "stage %s: cannot rewind to the committed offsets after a reconnect: %s: %s",
+                "stage %s: cannot rewind to %s after a reconnect: %s: %s",
                 self.stage,
+                self.where,
                 type(exc).__name__,
                 exc,
             )
@@ -1114,11 +1124,23 @@ class ResumeAfterReconnect:
             raise RewindFailed(str(exc)) from exc
         self.known = _client_connections(getattr(consumer, "_client", None)) or links
         log.info(
-            "stage %s: the consumer lost a broker connection; reading on from the group's "
-            "committed offsets",
+            "stage %s: the consumer lost a broker connection; reading on from %s",
             self.stage,
+            self.where,
         )
         return True
+
+
+def broker_connections(consumer: Any) -> frozenset[Any] | None:
+    """An aiokafka consumer's broker connections now (what ResumeAfterReconnect compares)."""
+    return _client_connections(getattr(consumer, "_client", None))
+
+
+async def rewind_to_beginning(consumer: Any) -> None:
+    """Seek every assigned partition to its beginning (a reader that keeps no offsets)."""
+    partitions = list(consumer.assignment())
+    if partitions:
+        await consumer.seek_to_beginning(*partitions)
 
 
 async def rewind_to_committed(consumer: Any) -> None:

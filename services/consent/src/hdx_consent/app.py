@@ -2,12 +2,14 @@
 
 Nothing happens at import time; `create_app()` wires, the app's lifespan starts:
 schema → index loaded from the database → broker (the gate on hdx.routed, the change feed
-on hdx.consents) → a loop that pings the database and sends unpublished changes.
+on hdx.consents) → a loop that pings the database and sends unpublished changes, and one
+that re-reads the versions recorded lately (what the change feed may have lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -22,7 +24,17 @@ from hdx_consent.settings import ConsentSettings
 from hdx_consent.store import ConsentStore
 from hdx_shared.db import make_engine
 from hdx_shared.http import ServiceRuntime, create_service_app
-from hdx_shared.messaging import Outgoing, Unavailable, add_stage, make_broker, publish_all
+from hdx_shared.messaging import (
+    Outgoing,
+    ResumeAfterReconnect,
+    RewindFailed,
+    Unavailable,
+    add_stage,
+    broker_connections,
+    make_broker,
+    publish_all,
+    rewind_to_beginning,
+)
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
 from hdx_shared.topics import Topics
 
@@ -47,6 +59,7 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
         publish_timeout=settings.publish_timeout_seconds,
         db_probe_seconds=settings.gate_db_probe_seconds,
         db_ping_timeout=settings.db_ping_timeout_seconds,
+        reconcile_overlap=settings.reconcile_overlap_seconds,
     )
     gate = ConsentGate(service, topics, service_name=settings.service_name)
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
@@ -64,7 +77,13 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
     runtime.readiness_checks.append(service.readiness)
 
     # Every replica reads every consent change: no consumer group, from the beginning of
-    # the compacted topic at each start (versions make re-applying harmless).
+    # the compacted topic at each start (versions make re-applying harmless). After a lost
+    # broker connection it reads the topic again from the beginning: a broker that restarted
+    # empty makes the old positions point past records written since.
+    feed = ResumeAfterReconnect(
+        "consent-changes", rewind=rewind_to_beginning, where="the beginning of the topic"
+    )
+
     @broker.subscriber(
         topics.consents,
         batch=True,
@@ -75,7 +94,11 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
     async def consent_changes(_body: list[bytes], msg: KafkaMessage) -> None:
         raw = msg.raw_message
         for record in raw if isinstance(raw, tuple) else (raw,):
-            service.apply_change(record.value)
+            service.apply_change(record.value)  # applying is harmless: versions only rise
+        consumer = getattr(msg, "consumer", None)
+        # A failed rewind is tried again at the next batch; reconcile_index covers the gap.
+        with contextlib.suppress(RewindFailed):
+            await feed.rewound(consumer, broker_connections(consumer))
 
     async def housekeeping() -> None:
         while True:
@@ -89,6 +112,16 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
             except Exception:
                 log.exception("consent housekeeping failed")
 
+    async def reconcile_index() -> None:
+        while True:
+            await asyncio.sleep(settings.reconcile_seconds)
+            try:
+                await service.reconcile()
+            except Unavailable:
+                pass  # readiness already says why
+            except Exception:
+                log.exception("consent reconcile failed")
+
     async def start() -> None:
         try:
             await service.load()
@@ -99,7 +132,7 @@ def create_app(settings: ConsentSettings | None = None) -> FastAPI:
     async def stop() -> None:
         store.engine.dispose()
 
-    runtime.background.append(housekeeping)
+    runtime.background += [housekeeping, reconcile_index]
 
     runtime.on_start.append(start)
     runtime.on_stop.append(stop)

@@ -31,6 +31,7 @@ class ConsentVersion(ConsentVersionBase, table=True):
     patient_identifier: str | None = Field(default=None, index=True)
     status: str
     resource: bytes  # the Consent JSON as stored: id, meta.versionId, meta.lastUpdated set
-    recorded: datetime = Field(default_factory=_now)
+    # Indexed: replicas re-read what was recorded lately (ConsentService.reconcile).
+    recorded: datetime = Field(default_factory=_now, index=True)
     # Outbox: set once the version is on the consents topic; a loop sends what is not.
     published: bool = Field(default=False, index=True)

@@ -7,6 +7,9 @@ replica reads from the beginning with no consumer group, so every replica sees e
 change; until a change arrives there, another replica may still decide with the previous
 version (typically milliseconds; longer if the broker or that replica lags). A version
 that could not be published stays marked in the database and the outbox loop sends it.
+The topic is the fast path, the database the durable one: every replica also re-reads
+the versions recorded lately (`reconcile`), so a change the topic lost — a broker that
+restarted without its data — reaches every replica's index within seconds all the same.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -70,6 +74,7 @@ class ConsentService:
         publish_timeout: float = 10.0,
         db_probe_seconds: float = 0.0,
         db_ping_timeout: float = 5.0,
+        reconcile_overlap: float = 300.0,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -86,6 +91,11 @@ class ConsentService:
         self.db_error: str | None = None
         self._db_ok_at: float | None = None  # time.monotonic() of the last good ping
         self._load_lock = asyncio.Lock()
+        # Reconciling re-reads from this time less the overlap: `recorded` comes from the
+        # writing replica's clock and is stamped before its commit, so a version can land
+        # with a time a little before one already read.
+        self.reconcile_overlap = timedelta(seconds=reconcile_overlap)
+        self._reconciled_from: datetime | None = None
 
     # ---- readiness ---------------------------------------------------------------------
     def readiness(self) -> str | None:
@@ -118,6 +128,7 @@ class ConsentService:
 
     async def load(self) -> None:
         """Fill the index from the database (the current version of every consent)."""
+        started = datetime.now(UTC)
         try:
             await asyncio.to_thread(self.store.create_schema)
             rows = await asyncio.to_thread(self.store.latest_all)
@@ -134,6 +145,7 @@ class ConsentService:
         # Merge, never clear: a newer version already taken from the consents topic stays.
         for consent in consents:
             self.index.put(consent)
+        self._reconciled_from = started
         self.loaded, self.db_error = True, None
         log.info("consent index loaded: %d consents", len(self.index))
 
@@ -221,6 +233,31 @@ class ConsentService:
         return len(rows) if await self._publish(rows) else 0
 
     # ---- changes from other replicas ---------------------------------------------------
+    async def reconcile(self) -> int:
+        """Index the versions recorded lately that are newer than the index's — whatever
+        the consents topic delivered. How many were newer (normally 0: the topic was
+        first); Unavailable if the database is down."""
+        if self._reconciled_from is None:
+            return 0  # not loaded yet: load() reads everything
+        started = datetime.now(UTC)
+        try:
+            rows = await asyncio.to_thread(
+                self.store.recorded_since, self._reconciled_from - self.reconcile_overlap
+            )
+        except Unavailable as exc:
+            self._db_failed(exc)
+            raise
+        newer = 0
+        for row in rows:
+            try:
+                newer += self.index.put(parse_consent(orjson.loads(row.resource)))
+            except (ConsentInvalid, orjson.JSONDecodeError) as exc:
+                log.error("Consent/%s v%d does not parse: %s", row.consent_id, row.version, exc)
+        self._reconciled_from = started
+        if newer:
+            log.info("consent index: %d newer version(s) taken from the database", newer)
+        return newer
+
     def apply_change(self, value: bytes | None) -> bool:
         """A record from the consents topic: index it if it is newer than what is here."""
         if not value:

@@ -68,6 +68,11 @@ class ConsentSettings(HdxSettings):
     # How often versions not yet on the consents topic are sent (the outbox).
     outbox_seconds: float = Field(default=2.0, gt=0)
     publish_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How often each replica re-reads the versions recorded lately, so that a change the
+    # consents topic lost (a broker restarted without its data) still reaches its index;
+    # and how far back each re-read reaches before the last one (writers' clocks differ).
+    reconcile_seconds: float = Field(default=10.0, gt=0)
+    reconcile_overlap_seconds: float = Field(default=300.0, ge=0)
 
     def policy(self) -> Policy:
         """The exchange policy; reads the opt-out register file if one is configured."""

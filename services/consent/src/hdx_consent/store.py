@@ -181,6 +181,18 @@ class ConsentStore:
             return list(s.exec(self._latest_query()).all())
 
     @_db
+    def recorded_since(self, since: datetime) -> list[ConsentVersion]:
+        """Every version recorded at or after `since`, oldest first."""
+        with self._session() as s:
+            return list(
+                s.exec(
+                    select(ConsentVersion)
+                    .where(col(ConsentVersion.recorded) >= since)
+                    .order_by(col(ConsentVersion.recorded))
+                ).all()
+            )
+
+    @_db
     def search(self, patient_keys: Sequence[str]) -> list[ConsentVersion]:
         """Current versions filed under any of the patient keys."""
         with self._session() as s:
