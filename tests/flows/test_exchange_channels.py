@@ -264,6 +264,17 @@ def test_rest_publishing_refuses_bad_input_with_an_outcome(stack: LocalStack) ->
     r = api(stack).post(f"{url}/Patient", content=b"{nope", headers=headers)
     assert r.status_code == 400
 
+    # The body must be what the URL names: its type, and for an update its id.
+    r = api(stack).post(
+        f"{url}/Observation", content=orjson.dumps(patient("x", nhs_number())), headers=headers
+    )
+    assert r.status_code == 400 and "the URL says Observation" in r.text
+    r = api(stack).put(
+        f"{url}/Patient/other", content=orjson.dumps(patient("x", nhs_number())), headers=headers
+    )
+    assert r.status_code == 400 and "is not the URL's 'other'" in r.text
+    assert r.json()["issue"][0]["expression"] == ["id"]
+
     batch = {
         "resourceType": "Bundle",
         "type": "batch",

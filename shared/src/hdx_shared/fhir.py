@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -382,9 +382,16 @@ def validate_resource(doc: dict[str, Any], where: str = "") -> None:
         raise FhirError("invalid-resource", issues)
 
 
-def decode_resource(raw: bytes, limits: Limits = Limits()) -> dict[str, Any]:
-    """Parse and validate FHIR JSON bytes; the dict, or FhirError with an OperationOutcome."""
+def decode_resource(
+    raw: bytes,
+    limits: Limits = Limits(),
+    expect: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Parse and validate FHIR JSON bytes; the dict, or FhirError with an OperationOutcome.
+    `expect` sees the parsed document before it is validated (and may refuse it)."""
     doc = parse_json(raw, limits)
+    if expect is not None:
+        expect(doc)
     entries = doc.get("entry") if doc.get("resourceType") == "Bundle" else None
     if isinstance(entries, list) and len(entries) > limits.max_bundle_entries:
         raise FhirError(

@@ -100,28 +100,34 @@ def publishing_router(
         raw: bytes, resource_type: str, resource_id: str | None, env: Envelope
     ) -> Response:
         registry.require_loaded()
-        doc = parse_json(raw, limits)
-        if doc.get("resourceType") != resource_type:
-            raise FhirError(
-                "wrong-type",
-                [
-                    Issue(
-                        f"the body is a {doc.get('resourceType')}, the URL says {resource_type}",
-                        expression="resourceType",
-                    )
-                ],
-            )
-        if resource_id is not None and doc.get("id") != resource_id:
-            raise FhirError(
-                "id-mismatch",
-                [
-                    Issue(
-                        f"the body's id '{doc.get('id')}' is not the URL's '{resource_id}'",
-                        expression="id",
-                    )
-                ],
-            )
-        accepted = accept_message(raw, env, registry.publishers, limits, env.event_id)
+
+        def as_the_url_says(doc: dict[str, Any]) -> None:
+            if doc.get("resourceType") != resource_type:
+                raise FhirError(
+                    "wrong-type",
+                    [
+                        Issue(
+                            f"the body is a {doc.get('resourceType')}, the URL says "
+                            f"{resource_type}",
+                            expression="resourceType",
+                        )
+                    ],
+                )
+            if resource_id is not None and doc.get("id") != resource_id:
+                raise FhirError(
+                    "id-mismatch",
+                    [
+                        Issue(
+                            f"the body's id '{doc.get('id')}' is not the URL's '{resource_id}'",
+                            expression="id",
+                        )
+                    ],
+                )
+
+        # One parse: the URL's type and id are checked on the document accept_message parsed.
+        accepted = accept_message(
+            raw, env, registry.publishers, limits, env.event_id, expect=as_the_url_says
+        )
         await forward(accepted)
         return FhirResponse(accepted_outcome(accepted), status_code=202)
 

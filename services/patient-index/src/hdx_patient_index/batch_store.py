@@ -231,9 +231,10 @@ def flush_batch(
             # The rows written carry the batch's new version; a row that was not is the
             # person another writer changed (the batch rolls back either way).
             written = {p.id: p.version for p in changed}
-            now = dict(
-                conn.execute(_PERSON_VERSIONS, {"person_ids": sorted(written)}).tuples().all()
-            )
+            now = {
+                row[0]: row[1]
+                for row in conn.execute(_PERSON_VERSIONS, {"person_ids": sorted(written)})
+            }
             return next((pid for pid, v in written.items() if now.get(pid) != v), changed[0].id)
     created = [{name: getattr(p, name) for name in _PERSON_COLUMNS} for p in new_persons]
     if created:
