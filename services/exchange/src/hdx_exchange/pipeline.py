@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -35,6 +37,9 @@ MISSING_EVENT_ID = FhirError(
 )
 # Above this size a message is validated on a worker thread, so heartbeats never stall.
 OFFLOAD_BYTES = 256 * 1024
+# An unknown sender re-reads the registry at most this often (a flood of unknown sources
+# costs the database one refresh a second, not one per batch).
+CATCH_UP_SECONDS = 1.0
 
 
 class RefusedOnTopic(Exception):
@@ -55,6 +60,7 @@ class Registry:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     loaded: bool = False
     error: str | None = None
+    refreshed_at: float = -math.inf  # time.monotonic() of the last good refresh
 
     def refresh(self) -> None:
         try:
@@ -62,9 +68,17 @@ class Registry:
             self.by_topic_name = {p.topic_name: p for p in self.publishers.values()}
             self.subscriptions = {s.id: s for s in self.store.subscriptions()}
             self.loaded, self.error = True, None
+            self.refreshed_at = time.monotonic()
         except Exception as exc:  # keep the last good copy; readiness says why
             self.error = f"registry not refreshed: {type(exc).__name__}"
             log.warning("registry refresh failed: %s", exc)
+
+    async def catch_up(self) -> None:
+        """Re-read the registry now, unless it was read within CATCH_UP_SECONDS: a sender
+        it does not know may be a publisher registered on another replica moments ago,
+        whose records must not be dead-lettered for this replica's lag."""
+        if time.monotonic() - self.refreshed_at >= CATCH_UP_SECONDS:
+            await asyncio.to_thread(self.refresh)
 
     def require_loaded(self) -> None:
         if not self.loaded:
@@ -82,6 +96,8 @@ class ExchangePipeline:
 
     async def ingress(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
+        if any(self._unknown_sender(m) for m in batch):
+            await self.registry.catch_up()
         out: list[Outgoing] = []
         owners: list[tuple[str, str, str, str]] = []
         for m in batch:
@@ -128,6 +144,12 @@ class ExchangePipeline:
         # One write per batch: which patient each resource is about, for later DELETEs.
         await asyncio.to_thread(self.store.remember_owners, owners)
         return out
+
+    def _unknown_sender(self, m: Inbound) -> bool:
+        if m.topic == self.topics.inbound:
+            return m.envelope.source not in self.registry.publishers
+        topic_name = self.topics.publisher_topic_name(m.topic)
+        return topic_name is not None and topic_name not in self.registry.by_topic_name
 
     def _bound(self, m: Inbound) -> Envelope:
         """The envelope with the source its topic binds it to (see domain.bind_to_topic)."""
