@@ -23,8 +23,8 @@ from hdx_patient_index.domain.comparators import (
     compare_postcode,
     one_edit,
 )
-from hdx_patient_index.domain.demographics import Demographics
-from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier
+from hdx_patient_index.domain.demographics import Demographics, extract_demographics
+from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
 from hdx_patient_index.domain.weights import (
     DEFAULT_WEIGHTS,
     PRIOR_PROBABILITIES,
@@ -224,6 +224,10 @@ def _home(line: str | None, postcode: str | None) -> Demographics:
         # for the same number): a typo in each, or a neighbour.
         (("5 werriwa ur escent", "4205"), ("25 werriwa coescent", "4205"), Level.PARTIAL),
         (("12 station rd", "LS14AB"), ("3 mill ln", "LS14AB"), Level.SAME_POSTCODE),
+        # A space typed into a word ('bat h' for 'bath'): the street without its spaces.
+        (("23 bath pl", "5118"), ("23 bat h pace", "5118"), Level.EXACT),
+        # Two streets, no word split: 'kingsway' is not 'king st' mistyped.
+        (("12 king st", "LS14AB"), ("12 kingsway", "LS14AB"), Level.SAME_POSTCODE),
         (("12 station rd", "4305"), ("3 mill ln", "4350"), Level.ONE_DIGIT),
         (("12 station rd", "LS14AB"), ("3 mill ln", "LS19ZZ"), Level.DISTRICT),
         (("12 station rd", "LS14AB"), ("3 mill ln", "M11AE"), Level.DISAGREE),
@@ -320,3 +324,26 @@ def test_swapped_names_with_typos(
     levels = compare(demo(family=a[0], given=a[1]), demo(family=b[0], given=b[1]))
     got = levels[Field.FAMILY] is Level.TRANSPOSED and levels[Field.GIVEN] is Level.TRANSPOSED
     assert got is transposed
+
+
+def _lines(postcode: str, *lines: str) -> Demographics:
+    patient = {
+        "resourceType": "Patient",
+        "address": [{"use": "home", "line": list(lines), "postalCode": postcode}],
+    }
+    return extract_demographics(patient, TrustedSystems())
+
+
+def test_the_same_address_lines_in_another_order_are_the_same_address() -> None:
+    home = _lines("2870", "23 Woollum Street", "Allunga")
+    swapped = _lines("2870", "23 Allunga", "Woollum Street")
+    assert compare_address(home, swapped) is Level.EXACT
+    assert compare_address(swapped, home) is Level.EXACT
+    assert compare_address(home, _lines("4000", "Allunga", "23 Woollum St")) is Level.SAME_LINE
+    # Two homes that share a line (a locality, an estate, a building) are not one home.
+    elsewhere = _lines("2870", "5 Kyeema Street", "Allunga")
+    assert compare_address(home, elsewhere) is Level.SAME_POSTCODE
+    # Flat 2 at number 10 and flat 10 at number 2: the same words, the numbers swapped.
+    flat = _lines("LS14AB", "2 Rose Court", "10 High Street")
+    other = _lines("LS14AB", "10 Rose Court", "2 High Street")
+    assert compare_address(flat, other) is Level.PARTIAL  # as their first lines say

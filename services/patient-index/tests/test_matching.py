@@ -11,7 +11,7 @@ import pytest
 from pix_builders import NHS_A, NHS_B, NHS_C, demo
 
 from hdx_patient_index.domain.comparators import Field, Level, compare
-from hdx_patient_index.domain.demographics import Demographics
+from hdx_patient_index.domain.demographics import Demographics, extract_demographics
 from hdx_patient_index.domain.identifiers import NHS_NUMBER, Identifier, TrustedSystems
 from hdx_patient_index.domain.index import PersonIndex
 from hdx_patient_index.domain.matching import (
@@ -570,3 +570,37 @@ def test_a_name_in_the_wrong_field_weighs_as_agreeing_only_where_the_data_show_n
     thomas = person("thomas", "1990-05-05", family="thomas", gender="male")
     john = person("john", "1990-05-05", family="thomas", gender="male")
     assert without.weigh(thomas, john)[0] == with_twins.weigh(thomas, john)[0]
+
+
+def test_address_lines_in_another_order_weigh_as_the_same_home_and_a_twin_is_still_held() -> None:
+    def weller(given: str, *lines: str) -> Demographics:
+        doc = {
+            "resourceType": "Patient",
+            "name": [{"family": "Weller", "given": [given]}],
+            "birthDate": "1970-01-06",
+            "gender": "male",
+            "address": [{"use": "home", "line": list(lines), "postalCode": "2870"}],
+        }
+        return extract_demographics(doc, TrustedSystems())
+
+    flynn = weller("Flynn", "23 Woollum Street", "Allunga")
+    # Another source lists his address lines the other way round: the same home.
+    swapped = weller("Flynn", "23 Allunga", "Woollum Street")
+    matcher = Matcher()
+    weight, levels = matcher.weigh(swapped, flynn)
+    assert levels[Field.ADDRESS] is Level.EXACT
+    assert weight == pytest.approx(matcher.weigh(flynn, flynn)[0])
+    index = index_with(("P1", flynn))
+    assert matcher.decide(swapped, index).person_id == matcher.decide(flynn, index).person_id
+    # His twin brother's record, the lines swapped too: the same home is what twins share,
+    # and the twin rule still holds the link for review.
+    twin = weller("Oscar", "23 Allunga", "Woollum Street")
+    decision = Matcher(MatchConfig(upper=1.0, lower=0.0)).decide(twin, index)
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN
+    # Likewise a space typed into the street ('bat h pace' for 'bath place'): the same
+    # home, and still a twin.
+    bath = weller("Flynn", "23 Bath Place")
+    typed = weller("Oscar", "23 Bat h Pace")
+    assert compare(typed, bath)[Field.ADDRESS] is Level.EXACT
+    decision = Matcher(MatchConfig(upper=1.0, lower=0.0)).decide(typed, index_with(("P1", bath)))
+    assert decision.person_id is None and decision.review[0].candidate.hold is Hold.TWIN

@@ -231,6 +231,12 @@ def compare_postcode(a: Demographics, b: Demographics) -> Level:
     return Level.DISTRICT if districts_a & districts_b else Level.DISAGREE
 
 
+def _split_word(street: str) -> bool:
+    """Has the street a letter standing alone ('bat h pace'): a word a space was typed
+    into? ('king st' / 'kingsway' has none: two streets, not one mistyped.)"""
+    return any(len(w) == 1 and w.isalpha() for w in street.split())
+
+
 @lru_cache(maxsize=262_144)
 def _compare_line(x: str, y: str) -> Level:
     if x == y or compact(x) == compact(y):
@@ -238,6 +244,10 @@ def _compare_line(x: str, y: str) -> Level:
     nx, sx = split_house_number(x)
     ny, sy = split_house_number(y)
     street = jaro_winkler(sx, sy)
+    if street < JW_LOW and (_split_word(sx) or _split_word(sy)):
+        # A space typed into a word leaves a letter on its own ('bat h pace' for 'bath
+        # place'): the street is compared without its spaces, as the whole line is above.
+        street = jaro_winkler(compact(sx), compact(sy))
     if nx == ny:
         # The same house number on a street spelt a little differently.
         return Level.FUZZY_HIGH if street >= JW_LOW else Level.DISAGREE
@@ -255,7 +265,9 @@ def compare_lines(a: Demographics, b: Demographics) -> Level:
     """The best agreement between any current address line of one and of the other:
     exact, same number on a street spelt a little differently (fuzzy-high), same street
     (spelt a little differently or not) with another number (partial), disagree; missing
-    when a side has no line."""
+    when a side has no line. An address whose lines hold the same words in another order
+    (`demographics.address_words`: '23 allunga' + 'woollum st' for '23 woollum st' +
+    'allunga') is the same line: exact."""
     if not a.addresses or not b.addresses:
         return Level.MISSING
     best = Level.DISAGREE
@@ -266,6 +278,8 @@ def compare_lines(a: Demographics, b: Demographics) -> Level:
                 best = level
                 if best is Level.EXACT:
                     return best
+    if a.address_words and b.address_words and not set(a.address_words).isdisjoint(b.address_words):
+        return Level.EXACT  # the same lines in another order (`address_words`)
     return best
 
 

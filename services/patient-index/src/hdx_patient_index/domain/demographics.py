@@ -34,6 +34,9 @@ class Demographics:
     gender: str | None = None
     postcodes: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()  # first lines of current addresses ('12 station rd')
+    # Each current address of two lines or more as its words in no order (`address_words`:
+    # '23|allunga st woollum'): the same address with its lines in another order.
+    address_words: tuple[str, ...] = ()
     phones: tuple[str, ...] = ()
     # The phones a source marked as mobile (ContactPoint.use 'mobile', "a telecommunication
     # device that moves and stays with its owner"): a person's own, where a home phone is a
@@ -71,6 +74,8 @@ class Demographics:
             doc["postcodes"] = list(self.postcodes)
         if self.addresses:
             doc["addresses"] = list(self.addresses)
+        if self.address_words:
+            doc["address_words"] = list(self.address_words)
         if self.phones:
             doc["phones"] = list(self.phones)
         if self.mobiles:
@@ -93,6 +98,7 @@ class Demographics:
             gender=doc.get("gender"),
             postcodes=tuple(doc.get("postcodes", ())),
             addresses=tuple(doc.get("addresses", ())),
+            address_words=tuple(doc.get("address_words", ())),
             phones=tuple(doc.get("phones", ())),
             mobiles=tuple(doc.get("mobiles", ())),
             trusted=tuple(Identifier.parse_token(t) for t in doc.get("trusted", ())),
@@ -187,6 +193,27 @@ def _first_line(raw: list[str]) -> str | None:
     return first
 
 
+def address_words(raw: list[str]) -> str | None:
+    """An address of two lines or more as its words in no order: the house numbers (any
+    word with a digit) in the order they come, then the other words sorted —
+    '23 woollum street' + 'allunga' and '23 allunga' + 'woollum street' are both
+    '23|allunga st woollum'. Sources differ in which line a building, an estate or a street
+    goes on, and a house number kept in a field of its own lands on whichever line comes
+    first. Every word of every line counts, so two homes that share only a line (a
+    locality, a building) differ; the numbers keep their order, so 'flat 2' + '10 high st'
+    is not 'flat 10' + '2 high st'. None for an address of fewer than two lines (its first
+    line is compared already)."""
+    lines = [n for n in (normalise_address_line(x) for x in raw) if n]
+    if len(lines) < 2:
+        return None
+    words = " ".join(lines).split()
+    numbers = [w for w in words if any(c.isdigit() for c in w)]
+    others = sorted(w for w in words if not any(c.isdigit() for c in w))
+    if not others:
+        return None
+    return f"{' '.join(numbers)}|{' '.join(others)}"
+
+
 def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) -> Demographics:
     """The demographics of a FHIR R4 Patient (a parsed JSON dict), normalised."""
     names = _dicts(patient.get("name"))
@@ -203,6 +230,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
     gender = patient.get("gender")
     postcodes: dict[str, None] = {}
     lines: dict[str, None] = {}
+    words: dict[str, None] = {}
     for a in _dicts(patient.get("address")):
         if a.get("use") == "old" or _ended(a):
             continue
@@ -210,9 +238,12 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         pc = normalise_postcode(raw_pc) if isinstance(raw_pc, str) else None
         if pc:
             postcodes[pc] = None
-        line = _first_line(_strs(a.get("line")))
+        raw_lines = _strs(a.get("line"))
+        line = _first_line(raw_lines)
         if line:
             lines[line] = None
+        if len(raw_lines) > 1 and (key := address_words(raw_lines)):
+            words[key] = None
     phones: dict[str, None] = {}
     mobiles: dict[str, None] = {}
     for t in _dicts(patient.get("telecom")):
@@ -233,6 +264,7 @@ def extract_demographics(patient: Mapping[str, Any], trusted: TrustedSystems) ->
         gender=gender if gender in _GENDERS else None,
         postcodes=tuple(postcodes),
         addresses=tuple(lines),
+        address_words=tuple(words),
         phones=tuple(phones),
         mobiles=tuple(mobiles),
         trusted=good,
