@@ -239,13 +239,14 @@ class LocalStack:
     def replica_count(self, service: str) -> int:
         return max(self.replicas.get(service, 1), len(self.replica_env.get(service, ())), 1)
 
+    def replica_names(self, service: str) -> list[str]:
+        """A service's processes by name (exchange, exchange-2, …), the first one first."""
+        names = (replica_name(service, i) for i in range(self.replica_count(service)))
+        return [name for name in names if name in self.services]
+
     def replicas_of(self, service: str) -> list[ServiceProcess]:
         """A service's processes, the first one first."""
-        return [
-            self.services[name]
-            for i in range(self.replica_count(service))
-            if (name := replica_name(service, i)) in self.services
-        ]
+        return [self.services[name] for name in self.replica_names(service)]
 
     @property
     def bootstrap(self) -> str:
