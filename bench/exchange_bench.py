@@ -60,6 +60,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 # bench/ is the script's directory, so the generator imports as a top-level module.
 from generator import DEFAULT_SEED, Event, Region, Traffic, seed_region, traffic_summary
 
+from hdx_exchange.settings import parse_stages
 from hdx_shared.devstack import LocalStack
 from hdx_shared.envelope import derive_event_id
 
@@ -653,10 +654,22 @@ def run_latency(
 # --------------------------------------------------------------------------------------
 
 
+def service_processes(stack: LocalStack) -> list[str]:
+    """Every service process by its name in the stack: exchange, exchange-2, … when the
+    exchange runs as several processes (--exchange-stages)."""
+    return [name for svc in SERVICES for name in stack.replica_names(svc)]
+
+
+def is_service(name: str) -> bool:
+    """A service's process (any replica), as opposed to the broker, driver or database."""
+    base, _, n = name.rpartition("-")
+    return name in SERVICES or (base in SERVICES and n.isdigit())
+
+
 def scrape_stages(stack: LocalStack) -> dict[str, dict[str, float]]:
     """Per stage: messages consumed, batches, and seconds handling + publishing them."""
     out: dict[str, dict[str, float]] = {}
-    for svc in SERVICES:
+    for svc in service_processes(stack):
         try:
             text = httpx.get(f"{stack.url(svc)}/metrics/", timeout=5).text
         except httpx.HTTPError:
@@ -1091,14 +1104,22 @@ def run_hdx(
         database = "PostgreSQL" if args.postgres else "SQLite"
         where = f"the broker at {args.bootstrap}" if args.bootstrap else "the embedded broker"
         log(f"starting the services ({database}) on {where} …")
+        # --exchange-stages: one exchange process per value, running those stages.
+        split = [{"HDX_EXCHANGE_STAGES": s} for s in args.exchange_stages]
+        if split:
+            log(f"  the exchange as {len(split)} processes: {' | '.join(args.exchange_stages)}")
         stack = LocalStack(
-            tmp, bootstrap_servers=args.bootstrap, extra_env=env, database_urls=database_urls
+            tmp,
+            bootstrap_servers=args.bootstrap,
+            extra_env=env,
+            database_urls=database_urls,
+            replica_env={"exchange": split} if split else {},
         ).start(ready_timeout=120)
         stack_ctx.callback(stack.stop)
         bootstrap = stack.bootstrap
         monitor = ProcessMonitor()
         stack_ctx.callback(monitor.stop)
-        for svc in SERVICES:
+        for svc in service_processes(stack):
             proc = stack.services[svc].process
             assert proc is not None
             monitor.watch(svc, proc.pid)
@@ -1175,7 +1196,7 @@ def run_hdx(
 
         if not args.skip_ceiling:
             # The services stop first, so the relay has the machine (and the broker) alone.
-            for svc in SERVICES:
+            for svc in service_processes(stack):
                 monitor.unwatch(svc)
                 stack.services[svc].stop()
             out["ceiling"] = run_ceiling(args, bootstrap, events, monitor)
@@ -1355,14 +1376,17 @@ def report(
         for name, cpu in t.cost.cpu_seconds.items():
             rss = peaks.get(name, 0.0)
             target = (
-                f"< {TARGET_RSS_MIB:.0f}  [{OK[rss < TARGET_RSS_MIB]}]" if name in SERVICES else ""
+                f"< {TARGET_RSS_MIB:.0f}  [{OK[rss < TARGET_RSS_MIB]}]" if is_service(name) else ""
             )
             log(
                 f"  {name:<20}{cpu * 1000 / t.messages:>13.3f}"
                 f"{cpu / t.cost.wall_seconds:>12.2f}{rss:>14.1f}   {target}"
             )
-        system = (*SERVICES, "broker", "postgresql")
-        total = sum(v for k, v in t.cost.cpu_seconds.items() if k in system)
+        total = sum(
+            v
+            for k, v in t.cost.cpu_seconds.items()
+            if is_service(k) or k in ("broker", "postgresql")
+        )
         label = "services + broker" + (" + db" if "postgresql" in t.cost.cpu_seconds else "")
         log(f"  {label:<20}{total * 1000 / t.messages:>13.3f}{total / t.cost.wall_seconds:>12.2f}")
     if ct and ct.cost:
@@ -1466,6 +1490,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a setting for every service (repeatable), e.g. HDX_CONSUMER_FETCH_MAX_WAIT_MS=5",
     )
     parser.add_argument(
+        "--exchange-stages",
+        action="append",
+        default=[],
+        metavar="STAGES",
+        help="run the exchange as one process per use of this option, each running these "
+        "stages (HDX_EXCHANGE_STAGES), e.g. --exchange-stages ingress,router "
+        "--exchange-stages delivery,audit-log",
+    )
+    parser.add_argument(
         "--ceiling-stages",
         action="store_true",
         help="the relay's hops as HDX stages (add_stage, a forwarding handler): the plumbing alone",
@@ -1492,6 +1525,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for svc in args.profile:
         if svc not in SERVICES:
             parser.error(f"--profile: {svc} is not one of {', '.join(SERVICES)}")
+    for stages in args.exchange_stages:
+        try:
+            parse_stages(stages)
+        except ValueError as exc:
+            parser.error(f"--exchange-stages: {exc}")
     if args.postgres and (why := postgres_reachable(args.postgres_url)):
         log(f"PostgreSQL is not reachable at {args.postgres_url}: {why}")
         return 2
@@ -1542,6 +1580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": args.seed,
             "ceiling_hops": args.ceiling_hops,
             "service_env": args.service_env,
+            "exchange_stages": args.exchange_stages or ["all"],
             "pythonpath": os.environ.get("PYTHONPATH"),
         },
         "region": region.summary(),
@@ -1554,7 +1593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "meets_targets": {
             "throughput": t.rate >= TARGET_RATE,
             "p99": lat.latency_ms.get("p99", float("inf")) < TARGET_P99_MS,
-            "rss": all(peaks.get(svc, 0) < TARGET_RSS_MIB for svc in SERVICES),
+            "rss": all(v < TARGET_RSS_MIB for k, v in peaks.items() if is_service(k)),
         },
         "hdx": hdx.to_json(),
         **out,

@@ -208,9 +208,21 @@ class ServiceProcess:
         self.stop(signal.SIGKILL)
 
 
+def replica_name(service: str, index: int) -> str:
+    """The first replica keeps the service's name; the others are <name>-2, <name>-3, …"""
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
 @dataclass
 class LocalStack:
-    """A broker (embedded unless bootstrap_servers is given) and the three services."""
+    """A broker (embedded unless bootstrap_servers is given) and the three services.
+
+    A service may run as several processes (`replicas`, e.g. {"exchange": 2}), each with
+    its own HTTP port, log file (exchange-2.log) and, from `replica_env`, its own settings
+    on top of the others' (e.g. the exchange's stages split between two processes). They
+    share the service's database. The first replica starts, and migrates, alone; the
+    others start once every service's first replica is ready.
+    """
 
     data_dir: Path
     bootstrap_servers: str | None = None
@@ -218,8 +230,23 @@ class LocalStack:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     database_urls: Mapping[str, str] = field(default_factory=dict)
     clients: Sequence[ClientSpec] = ()
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    replica_env: Mapping[str, Sequence[Mapping[str, str]]] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
+    # By replica name: the first replica of each service under the service's own name.
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def replica_count(self, service: str) -> int:
+        return max(self.replicas.get(service, 1), len(self.replica_env.get(service, ())), 1)
+
+    def replica_names(self, service: str) -> list[str]:
+        """A service's processes by name (exchange, exchange-2, …), the first one first."""
+        names = (replica_name(service, i) for i in range(self.replica_count(service)))
+        return [name for name in names if name in self.services]
+
+    def replicas_of(self, service: str) -> list[ServiceProcess]:
+        """A service's processes, the first one first."""
+        return [self.services[name] for name in self.replica_names(service)]
 
     @property
     def bootstrap(self) -> str:
@@ -266,41 +293,59 @@ class LocalStack:
             self.broker.start()
         ports: dict[str, int] = {}
         for spec in SERVICES:
-            port = self.ports.get(spec.name) or free_port()
-            while port in ports.values():
-                port = free_port()
-            ports[spec.name] = port
+            for i in range(self.replica_count(spec.name)):
+                name = replica_name(spec.name, i)
+                port = self.ports.get(name) or free_port()
+                while port in ports.values():
+                    port = free_port()
+                ports[name] = port
         # The exchange issues the tokens: its signing key and the client registrations.
+        # Every exchange replica has the first one's address as the issuer.
         issuer = f"http://127.0.0.1:{ports['exchange']}"
         exchange_env = exchange_auth_env(self.auth_dir, issuer, self.clients)
+        first: list[ServiceProcess] = []
+        later: list[ServiceProcess] = []
         try:
             for spec in SERVICES:
-                port = ports[spec.name]
-                auth_env = {"HDX_AUTH_ISSUER": issuer}
-                if spec.name == "exchange":
-                    auth_env |= exchange_env
-                env = {
-                    **os.environ,
-                    "HDX_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-                    # The embedded broker has no InitProducerId; Apache Kafka keeps it on.
-                    "HDX_KAFKA_IDEMPOTENCE": "false"
-                    if self.broker
-                    else os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
-                    "HDX_HTTP_PORT": str(port),
-                    # Tansu does not answer a waiting fetch when data arrives: poll briskly.
-                    **({"HDX_CONSUMER_FETCH_MAX_WAIT_MS": "10"} if self.broker else {}),
-                    "HDX_DATA_DIR": str(self.data_dir),
-                    "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
-                    "OTEL_SERVICE_NAME": f"hdx-{spec.name}",
-                    **auth_env,
-                    **self.extra_env,
-                }
-                if spec.name in self.database_urls:
-                    env["HDX_DATABASE_URL"] = self.database_urls[spec.name]
-                proc = ServiceProcess(spec, port, env, self.data_dir / "logs" / f"{spec.name}.log")
-                self.services[spec.name] = proc
+                for i in range(self.replica_count(spec.name)):
+                    name = replica_name(spec.name, i)
+                    port = ports[name]
+                    auth_env = {"HDX_AUTH_ISSUER": issuer}
+                    if spec.name == "exchange":
+                        auth_env |= exchange_env
+                    own = self.replica_env.get(spec.name, ())
+                    env = {
+                        **os.environ,
+                        "HDX_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+                        # The embedded broker has no InitProducerId; Apache Kafka keeps it on.
+                        "HDX_KAFKA_IDEMPOTENCE": "false"
+                        if self.broker
+                        else os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
+                        "HDX_HTTP_PORT": str(port),
+                        # Tansu does not answer a waiting fetch when data arrives: poll briskly.
+                        **({"HDX_CONSUMER_FETCH_MAX_WAIT_MS": "10"} if self.broker else {}),
+                        "HDX_DATA_DIR": str(self.data_dir),
+                        "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+                        "OTEL_SERVICE_NAME": f"hdx-{spec.name}",
+                        **auth_env,
+                        **self.extra_env,
+                        **(own[i] if i < len(own) else {}),
+                    }
+                    if spec.name in self.database_urls:
+                        env["HDX_DATABASE_URL"] = self.database_urls[spec.name]
+                    proc = ServiceProcess(spec, port, env, self.data_dir / "logs" / f"{name}.log")
+                    self.services[name] = proc
+                    if i == 0:
+                        proc.start()
+                        first.append(proc)
+                    else:
+                        # After the first is ready: it has migrated the shared database.
+                        later.append(proc)
+            for proc in first:
+                proc.wait_ready(ready_timeout)
+            for proc in later:
                 proc.start()
-            for proc in self.services.values():
+            for proc in later:
                 proc.wait_ready(ready_timeout)
         except BaseException:
             self.stop()

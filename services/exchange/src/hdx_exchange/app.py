@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from fastapi import FastAPI
+from faststream.kafka import KafkaBroker
 
 from hdx_exchange.api import build_routers
 from hdx_exchange.audit_log import AuditLog
@@ -25,7 +26,14 @@ from hdx_shared.auth import Authenticator, Revocations, StaticKeys, TokenIssuer
 from hdx_shared.db import make_engine
 from hdx_shared.fhir import Limits
 from hdx_shared.http import ServiceRuntime, create_service_app
-from hdx_shared.messaging import Outgoing, add_stage, ensure_topics, make_broker, publish_all
+from hdx_shared.messaging import (
+    Outgoing,
+    StageHealth,
+    add_stage,
+    ensure_topics,
+    make_broker,
+    publish_all,
+)
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
 from hdx_shared.topics import Topics, TopicSpec
 
@@ -35,6 +43,52 @@ def audit_log_settings(settings: ExchangeSettings) -> ExchangeSettings:
     the stages' own wait if that is longer."""
     wait = max(settings.consumer_fetch_max_wait_ms, settings.audit_log_fetch_max_wait_ms)
     return settings.model_copy(update={"consumer_fetch_max_wait_ms": wait})
+
+
+def add_stages(
+    broker: KafkaBroker,
+    settings: ExchangeSettings,
+    topics: Topics,
+    pipeline: ExchangePipeline,
+    audit_log: AuditLog,
+) -> list[StageHealth]:
+    """Subscribe the stages HDX_EXCHANGE_STAGES names. Each is its own consumer group, so
+    the same stage in several processes shares its topic's partitions, and different
+    stages in different processes work side by side."""
+    chosen = settings.stages
+    stages: list[StageHealth] = []
+    if "ingress" in chosen:
+        # Ingress reads hdx.inbound and every publisher's own hdx.inbound.<name>, including
+        # those registered later (found at the consumer's next metadata refresh).
+        stages.append(
+            add_stage(
+                broker,
+                name="ingress",
+                pattern=topics.inbound_pattern,
+                group_id=topics.group("exchange-ingress"),
+                handler=pipeline.ingress,
+                settings=settings,
+                topics=topics,
+            )
+        )
+    stages += [
+        add_stage(
+            broker,
+            name=name,
+            topic=topic,
+            group_id=topics.group(f"exchange-{name}"),
+            handler=handler,
+            settings=stage_settings,
+            topics=topics,
+        )
+        for name, topic, handler, stage_settings in (
+            ("router", topics.identified, pipeline.route, settings),
+            ("delivery", topics.decided, pipeline.deliver, settings),
+            ("audit-log", topics.audit, audit_log.record, audit_log_settings(settings)),
+        )
+        if name in chosen
+    ]
+    return stages
 
 
 def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
@@ -61,35 +115,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
     dispatcher = RestHookDispatcher(store, registry, settings, topics, publish)
     pipeline.on_queued = dispatcher.wake
     runtime = ServiceRuntime(settings=settings, topics=topics, broker=broker)
-    # Ingress reads hdx.inbound and every publisher's own hdx.inbound.<name>, including
-    # those registered later (found at the consumer's next metadata refresh).
-    runtime.stages.append(
-        add_stage(
-            broker,
-            name="ingress",
-            pattern=topics.inbound_pattern,
-            group_id=topics.group("exchange-ingress"),
-            handler=pipeline.ingress,
-            settings=settings,
-            topics=topics,
-        )
-    )
-    runtime.stages += [
-        add_stage(
-            broker,
-            name=name,
-            topic=topic,
-            group_id=topics.group(f"exchange-{name}"),
-            handler=handler,
-            settings=stage_settings,
-            topics=topics,
-        )
-        for name, topic, handler, stage_settings in (
-            ("router", topics.identified, pipeline.route, settings),
-            ("delivery", topics.decided, pipeline.deliver, settings),
-            ("audit-log", topics.audit, audit_log.record, audit_log_settings(settings)),
-        )
-    ]
+    runtime.stages += add_stages(broker, settings, topics, pipeline, audit_log)
     runtime.readiness_checks.append(lambda: registry.error)
 
     async def keep_registry_fresh() -> None:

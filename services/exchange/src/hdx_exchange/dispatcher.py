@@ -93,10 +93,15 @@ class RestHookDispatcher:
                     await task
             await self._client.aclose()
 
-    async def _send_all(self, sid: str) -> None:
+    async def _claim(self, sid: str) -> bool:
+        """Take or renew the lease on sending `sid`'s notifications (an atomic conditional
+        UPDATE, so of several exchange processes one holds it)."""
         lease = self.settings.rest_hook_lease_seconds
-        if not await asyncio.to_thread(self.store.claim_dispatch, sid, self.owner, lease):
-            return  # another replica sends this subscription's notifications
+        return await asyncio.to_thread(self.store.claim_dispatch, sid, self.owner, lease)
+
+    async def _send_all(self, sid: str) -> None:
+        if not await self._claim(sid):
+            return  # another exchange process sends this subscription's notifications
         try:
             while True:
                 row = await asyncio.to_thread(self.store.next_pending, sid)
@@ -105,16 +110,20 @@ class RestHookDispatcher:
                 sub = self.registry.subscriptions.get(sid)
                 if sub is None or not sub.endpoint:
                     return
-                await self._send(sub, row)
-                await asyncio.to_thread(self.store.claim_dispatch, sid, self.owner, lease)
+                if not await self._send(sub, row) or not await self._claim(sid):
+                    return  # the lease ran out and another process took over
         finally:
             await asyncio.to_thread(self.store.release_dispatch, sid, self.owner)
 
-    async def _send(self, sub: Subscription, row: DeliveryRow) -> None:
+    async def _send(self, sub: Subscription, row: DeliveryRow) -> bool:
+        """POST one notification until it is sent or given up on; False if the lease was
+        lost on the way (retries can outlast it), leaving the notification to its holder."""
         assert self._client is not None and row.id is not None and sub.endpoint
         max_attempts = self.settings.rest_hook_max_attempts
         attempt = row.attempts
         while True:
+            if attempt > row.attempts and not await self._claim(sub.id):
+                return False
             error: str | None
             try:
                 response = await self._client.post(
@@ -133,10 +142,10 @@ class RestHookDispatcher:
                     await asyncio.to_thread(
                         self.store.set_subscription_status, sub.id, "active", None
                     )
-                return
+                return True
             if attempt >= max_attempts:
                 await self._give_up(sub, row, error)
-                return
+                return True
             wait = backoff_seconds(
                 attempt,
                 self.settings.rest_hook_backoff_base_seconds,

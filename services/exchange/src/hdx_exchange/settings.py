@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from hdx_shared.settings import HdxSettings
+
+# The exchange's Kafka stages, in pipeline order (docs/operations.md, "Running the
+# exchange's stages apart").
+STAGES = ("ingress", "router", "delivery", "audit-log")
 
 
 class ExchangeSettings(HdxSettings):
     service_name: str = "exchange"
     http_port: int = 8003
+    # Which Kafka stages this process runs: `all`, `none` (the HTTP API only) or a comma
+    # list of ingress, router, delivery, audit-log. Each stage is its own consumer group,
+    # so processes running different stages split the pipeline across cores, and processes
+    # running the same stage share its partitions. The HTTP API, the rest-hook dispatcher
+    # and the registry refresh run in every process.
+    exchange_stages: str = "all"
     # Input limits enforced before anything is parsed.
     max_message_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=32, ge=4)
@@ -54,6 +64,17 @@ class ExchangeSettings(HdxSettings):
     # created or updated: how an operator registers the first admin client.
     auth_clients_file: Path | None = None
 
+    @field_validator("exchange_stages")
+    @classmethod
+    def _known_stages(cls, value: str) -> str:
+        parse_stages(value)
+        return value
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this process runs, in pipeline order."""
+        return parse_stages(self.exchange_stages)
+
     @model_validator(mode="after")
     def _signing_key_outside_development(self) -> ExchangeSettings:
         no_key = self.auth_signing_key is None and self.auth_signing_key_file is None
@@ -67,3 +88,21 @@ class ExchangeSettings(HdxSettings):
     @property
     def token_url(self) -> str:
         return self.auth_token_url or f"{self.auth_issuer.rstrip('/')}/auth/token"
+
+
+def parse_stages(value: str) -> tuple[str, ...]:
+    """HDX_EXCHANGE_STAGES as the stages it names, in pipeline order; ValueError if it
+    names one the exchange does not have."""
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    if names == ["all"]:
+        return STAGES
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        problem = f"unknown stage(s) {', '.join(unknown)}" if unknown else "empty"
+        raise ValueError(
+            f"HDX_EXCHANGE_STAGES is {problem}: give 'all', 'none' "
+            f"or a comma list of {', '.join(STAGES)}"
+        )
+    return tuple(s for s in STAGES if s in names)

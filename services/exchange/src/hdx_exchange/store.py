@@ -33,10 +33,12 @@ from hdx_exchange.models import (
     ResourceOwnerRow,
     SubscriptionRow,
 )
-from hdx_shared.db import migrate
+from hdx_shared.db import migrate, write_locked
 from hdx_shared.messaging import Unavailable
 
 T = TypeVar("T")
+# How often numbering is tried again when another process numbered the same event at once.
+NUMBERING_ATTEMPTS = 5
 
 
 def _table(model: type[Any]) -> Table:
@@ -117,10 +119,20 @@ class TopicTaken(Exception):
         self.topic_name, self.source = topic_name, source
 
 
+def _head_create(dialect: str) -> Any:
+    """Create the chain's head row unless it exists (another process may be creating it)."""
+    ins: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+    return ins(_HEAD).values(id=1, seq=0, hash=GENESIS).on_conflict_do_nothing()
+
+
 class ExchangeStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Read-modify-write transactions: on SQLite they take the write lock at BEGIN, as
+        # other exchange processes (stages run apart, replicas) write the same file.
+        self._writer = write_locked(engine)
         self._owner_stmt = _owner_upsert(engine.dialect.name)
+        self._head_create = _head_create(engine.dialect.name)
 
     def create_schema(self) -> None:
         """Bring the database to the newest schema (Alembic migrations in the package)."""
@@ -138,7 +150,7 @@ class ExchangeStore:
 
     def put_publisher(self, p: Publisher) -> None:
         """Register or update a publisher; TopicTaken if another source has its topic."""
-        with Session(self.engine) as s:
+        with Session(self._writer) as s:
             for other in s.exec(select(PublisherRow).where(PublisherRow.source != p.source)):
                 if (other.topic_name or topic_name_for(other.source)) == p.topic_name:
                     raise TopicTaken(p.topic_name, other.source)
@@ -168,7 +180,7 @@ class ExchangeStore:
     def put_client(self, row: ClientRow) -> None:
         """Create or replace a registration. Deactivating a client or replacing its keys
         revokes every token it holds (`tokens_not_before`)."""
-        with Session(self.engine) as s:
+        with Session(self._writer) as s:
             existing = s.get(ClientRow, row.client_id)
             now = datetime.now(UTC)
             if existing is not None:
@@ -230,15 +242,17 @@ class ExchangeStore:
         return self._guarded(self._append_audit, events)
 
     def _append_audit(self, events: Sequence[tuple[str, str | None, bytes]]) -> Anchor:
-        # One transaction; the head row is locked (PostgreSQL) until the commit, so two
-        # replicas never extend the chain from the same head.
-        with self.engine.begin() as conn:
+        # One transaction holding the head until the commit (SQLite: the write lock taken at
+        # BEGIN; PostgreSQL: the head row locked), so two processes never extend the chain
+        # from the same head.
+        with self._writer.begin() as conn:
             found = conn.execute(_HEAD_FOR_UPDATE).first()
             if found is None:
-                conn.execute(insert(_HEAD).values(id=1, seq=0, hash=GENESIS))
-                seq, digest = 0, GENESIS
-            else:
-                seq, digest = int(found[0]), str(found[1])
+                # The first append: another process may be making the head row right now.
+                # Whoever inserts second does nothing and then waits for the row's lock.
+                conn.execute(self._head_create)
+                found = conn.execute(_HEAD_FOR_UPDATE).one()
+            seq, digest = int(found[0]), str(found[1])
             ids = sorted({e[0] for e in events})
             known = set(conn.execute(_AUDIT_KNOWN, {"ids": ids}).scalars())
             rows: list[dict[str, Any]] = []
@@ -332,7 +346,17 @@ class ExchangeStore:
         An event numbered before keeps its number; new ones take the subscription's next
         numbers. One transaction: numbers are never handed out twice or skipped.
         """
-        return self._guarded(self._number_events, wanted)
+        attempt = 1
+        while True:
+            try:
+                return self._guarded(self._number_events, wanted)
+            except IntegrityError:
+                # PostgreSQL: another process numbered one of these events since we looked
+                # (a batch redelivered to another member). Ours rolled back, its block of
+                # numbers with it; the next attempt finds the event's number.
+                if attempt >= NUMBERING_ATTEMPTS:
+                    raise
+                attempt += 1
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -344,7 +368,7 @@ class ExchangeStore:
         numbers: dict[tuple[str, str], int] = {}
         if not wanted:
             return numbers
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             subs = sorted({w.subscription_id for w in wanted})
             events = sorted({w.event_id for w in wanted})
             for sub, event, number in conn.execute(_NUMBERED, {"subs": subs, "events": events}):
@@ -354,7 +378,9 @@ class ExchangeStore:
                 if (w.subscription_id, w.event_id) not in numbers:
                     fresh.setdefault(w.subscription_id, {}).setdefault(w.event_id, w)
             rows: list[dict[str, Any]] = []
-            for sub, items in fresh.items():
+            # Subscriptions in one order in every process: their rows are locked as they
+            # are reserved, and two processes locking them in other orders could deadlock.
+            for sub, items in sorted(fresh.items()):
                 # One atomic increment per subscription reserves a block of numbers, so two
                 # replicas numbering for the same subscription never collide.
                 last = conn.execute(_RESERVE, {"b_id": sub, "b_count": len(items)}).scalar_one()
@@ -466,7 +492,7 @@ class ExchangeStore:
     def record_attempt(
         self, delivery_id: int, *, state: str, error: str | None, next_at: datetime | None
     ) -> None:
-        with Session(self.engine) as s:
+        with Session(self._writer) as s:
             row = s.get(DeliveryRow, delivery_id)
             if row is None:
                 return
