@@ -14,7 +14,8 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.33.0"  # the Kubernetes release the manifests are validated against
-TARGETS = ("base", "overlays/dev", "overlays/production")
+TARGETS = ("base", "overlays/dev", "overlays/production", "overlays/production-stages-apart")
+STAGES_APART = "overlays/production-stages-apart"
 HDX = {"patient-index": "hdx_patient_index", "consent": "hdx_consent", "exchange": "hdx_exchange"}
 STRIMZI = "kafka.strimzi.io/"
 
@@ -45,6 +46,12 @@ def hdx_deployments(objects: Objects) -> dict[str, dict[str, Any]]:
         and o["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "hdx"
         and o["metadata"]["name"].startswith("hdx-")
     }
+
+
+def service_of(deployment: str) -> str:
+    """The HDX service a Deployment (its name less 'hdx-') runs: 'exchange-delivery' is the
+    exchange's second Deployment where its stages run apart."""
+    return next(s for s in HDX if deployment == s or deployment.startswith(f"{s}-"))
 
 
 def container(dep: dict[str, Any]) -> dict[str, Any]:
@@ -185,10 +192,11 @@ def test_strimzi_objects(render: Render, target: str) -> None:
 def test_deployments(render: Render, find: Find, target: str) -> None:
     objects = render(target)
     deps = hdx_deployments(objects)
-    assert set(deps) == set(HDX)
+    assert {service_of(d) for d in deps} == set(HDX)
     config_maps, secrets = find(objects, "ConfigMap"), find(objects, "Secret")
-    for svc, dep in deps.items():
-        where = f"{target}: {svc}"
+    for name, dep in deps.items():
+        svc = service_of(name)
+        where = f"{target}: {name}"
         pod = dep["spec"]["template"]["spec"]
         c = container(dep)
         assert c["command"] == ["python", "-m", HDX[svc]], where
@@ -243,12 +251,13 @@ def test_services_autoscalers_and_budgets(
         t["spec"]["topicName"]: t["spec"]["partitions"]
         for t in find(objects, "KafkaTopic").values()
     }
-    for svc, dep in deps.items():
-        name = f"hdx-{svc}"
+    for key, dep in deps.items():
+        svc, name = service_of(key), f"hdx-{key}"
         labels = dep["spec"]["template"]["metadata"]["labels"]
-        service = services[name]
-        assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
-        assert service["spec"]["ports"][0]["targetPort"] == "http"
+        if key == svc:  # a second Deployment of a service is reached through the first's
+            service = services[name]
+            assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+            assert service["spec"]["ports"][0]["targetPort"] == "http"
         hpa = hpas[name]["spec"]
         assert hpa["scaleTargetRef"] == {
             "apiVersion": "apps/v1",
@@ -339,6 +348,44 @@ def test_dev_overlay(render: Render, find: Find) -> None:
         for t in find(objects, "KafkaTopic").values()
     )
     assert "postgres" in find(objects, "Service")
+
+
+def test_exchange_stages_apart(render: Render, find: Find) -> None:
+    """Two exchange Deployments that between them run every stage once, each with its own
+    pods, autoscaler and budget, sharing the exchange's settings, secret (its database and
+    Kafka user) and production's sizing."""
+    objects = render(STAGES_APART)
+    deps = hdx_deployments(objects)
+    assert set(deps) == {*HDX, "exchange-delivery"}
+    stages = {
+        key: {e["name"]: e.get("value") for e in container(deps[key])["env"]}.get(
+            "HDX_EXCHANGE_STAGES"
+        )
+        for key in ("exchange", "exchange-delivery")
+    }
+    assert stages == {"exchange": "ingress,router", "exchange-delivery": "delivery,audit-log"}
+    for key in ("patient-index", "consent"):
+        assert "HDX_EXCHANGE_STAGES" not in {e["name"] for e in container(deps[key])["env"]}
+    first, second = deps["exchange"], deps["exchange-delivery"]
+    for one, other in ((first, second), (second, first)):
+        selector = one["spec"]["selector"]["matchLabels"]
+        theirs = other["spec"]["template"]["metadata"]["labels"]
+        assert not all(theirs.get(k) == v for k, v in selector.items()), "selects the other's pods"
+        (spread,) = one["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert spread["labelSelector"]["matchLabels"] == selector
+    assert container(first)["envFrom"] == container(second)["envFrom"]
+    assert container(first)["resources"] == container(second)["resources"]
+    assert container(first)["image"] == container(second)["image"]
+    assert "hdx-exchange-delivery" not in find(objects, "Service")
+    hpas, pdbs = find(objects, "HorizontalPodAutoscaler"), find(objects, "PodDisruptionBudget")
+    prod_hpa = find(render("overlays/production"), "HorizontalPodAutoscaler")["hdx-exchange"]
+    for name in ("hdx-exchange", "hdx-exchange-delivery"):
+        assert hpas[name]["spec"]["scaleTargetRef"]["name"] == name
+        assert hpas[name]["spec"]["minReplicas"] == prod_hpa["spec"]["minReplicas"]
+        assert name in pdbs
+    # Apart from the exchange's stages, the same as production.
+    same = {(o["kind"], o["metadata"]["name"]) for o in render("overlays/production")}
+    assert same <= {(o["kind"], o["metadata"]["name"]) for o in objects}
 
 
 def test_production_overlay(render: Render, find: Find) -> None:

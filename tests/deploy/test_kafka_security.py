@@ -367,7 +367,9 @@ def test_compose_users_are_the_services_and_the_demo_clients(compose_acls: Any) 
     assert all(c.startswith("/tmp/hdx-admin.") for c in compose_acls.command_configs)
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/dev", "overlays/production"])
+@pytest.mark.parametrize(
+    "target", ["base", "overlays/dev", "overlays/production", "overlays/production-stages-apart"]
+)
 def test_strimzi_users_are_what_each_service_uses(
     render: Callable[[str], list[dict[str, Any]]],
     find: Callable[..., dict[str, dict[str, Any]]],
@@ -397,7 +399,7 @@ def test_compose_and_kubernetes_grant_the_same(
         assert kafka_helpers.strimzi_acls(dev[name]) == compose_acls.acls[name], name
     for name, user in dev.items():
         assert user["spec"]["authentication"]["type"] == "scram-sha-512", name
-    for target in ("base", "overlays/production"):
+    for target in ("base", "overlays/production", "overlays/production-stages-apart"):
         assert set(find(render(target), "KafkaUser")) == {f"hdx-{s}" for s in HDX}
 
 

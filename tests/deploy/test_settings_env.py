@@ -24,7 +24,7 @@ from hdx_shared.settings import HdxSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 HDX = {"patient-index": "hdx_patient_index", "consent": "hdx_consent", "exchange": "hdx_exchange"}
-TARGETS = ("base", "overlays/dev", "overlays/production")
+TARGETS = ("base", "overlays/dev", "overlays/production", "overlays/production-stages-apart")
 
 
 def env_names(cls: type[BaseSettings]) -> set[str]:
@@ -135,9 +135,16 @@ def test_kubernetes_env(
     (shared_name,) = [n for n in config_maps if n.startswith("hdx-config")]
     shared = config_maps[shared_name]["data"]
     check_names(f"{target} ConfigMap hdx-config", set(shared), None)
-    deployments = find(objects, "Deployment")
-    for service in HDX:
-        (c,) = deployments[f"hdx-{service}"]["spec"]["template"]["spec"]["containers"]
+    deployments = {
+        name: d
+        for name, d in find(objects, "Deployment").items()
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "hdx"
+    }
+    assert {f"hdx-{s}" for s in HDX} <= set(deployments)
+    for name, deployment in deployments.items():
+        # hdx-exchange-delivery: the exchange's second Deployment (its stages apart).
+        service = next(s for s in HDX if name == f"hdx-{s}" or name.startswith(f"hdx-{s}-"))
+        (c,) = deployment["spec"]["template"]["spec"]["containers"]
         env: dict[str, str] = {}
         for src in c["envFrom"]:
             if "configMapRef" in src:
@@ -151,6 +158,6 @@ def test_kubernetes_env(
                 )
                 env.update(secret["stringData"])
         own = {e["name"]: e.get("value", "") for e in c["env"]}
-        check_names(f"{target} Deployment hdx-{service}", set(own), service)
+        check_names(f"{target} Deployment {name}", set(own), service)
         env.update(own)
-        check_values(f"{target} hdx-{service}", env, service, monkeypatch)
+        check_values(f"{target} {name}", env, service, monkeypatch)
