@@ -18,8 +18,8 @@ $(BIN)/hdx: pyproject.toml uv.lock shared/pyproject.toml services/*/pyproject.to
 
 install: $(BIN)/hdx ## Install HDX and its dev tools into .venv (uv workspace, locked)
 
-run: install ## Run HDX: embedded broker, SQLite under data/, all three services, demo seed and keys (prints how to get a token)
-	$(BIN)/hdx run
+run: install ## Run HDX: embedded broker, SQLite under data/, all three services, demo seed and keys (prints how to get a token); RUN_ARGS="--exchange-stages …" passes options
+	$(BIN)/hdx run $(RUN_ARGS)
 
 test: install ## Run the whole suite, flow tests on a real broker included
 	$(BIN)/pytest

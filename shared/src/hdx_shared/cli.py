@@ -82,10 +82,26 @@ def run(
     ready_timeout: Annotated[
         float, typer.Option(help="seconds each service may take to become ready")
     ] = 180.0,
+    exchange_stages: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exchange-stages",
+            help="run the exchange as one process per use of this option, each running these "
+            "stages (HDX_EXCHANGE_STAGES), e.g. --exchange-stages ingress,router "
+            "--exchange-stages delivery,audit-log",
+        ),
+    ] = None,
 ) -> None:
     """Start the embedded broker and all three services; Ctrl-C stops everything."""
     ports = {s.name: http_port_base + i for i, s in enumerate(SERVICES)} | {"broker": broker_port}
-    stack = LocalStack(data_dir=data_dir, ports=ports, clients=demo_clients(demo_dir))
+    stack = LocalStack(
+        data_dir=data_dir,
+        ports=ports,
+        clients=demo_clients(demo_dir),
+        replica_env={"exchange": [{"HDX_EXCHANGE_STAGES": v} for v in exchange_stages]}
+        if exchange_stages
+        else {},
+    )
     with console.status("starting the broker and the services…"):
         try:
             stack.start(ready_timeout=ready_timeout)
