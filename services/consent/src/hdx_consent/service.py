@@ -249,6 +249,9 @@ class ConsentService:
             raise
         newer = 0
         for row in rows:
+            known = self.index.get(row.consent_id)
+            if known is not None and known.version >= row.version:
+                continue  # the usual case: the topic brought it first (no parse)
             try:
                 newer += self.index.put(parse_consent(orjson.loads(row.resource)))
             except (ConsentInvalid, orjson.JSONDecodeError) as exc:
