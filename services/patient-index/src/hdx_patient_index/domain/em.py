@@ -9,7 +9,10 @@ records (demographics) and nothing else:
   Where a level is plain equality of one value (family name, first given name, birth
   date, gender: EXACT) its u is counted from the value counts instead (`exact_agreement`),
   which is exact where sampling is noisy; the field's other levels keep their sampled
-  proportions.
+  proportions. Once EM has found m, u is counted again over the random pairs that are not
+  one person's (`u_among_nonmatches`: each pair weighs by its posterior of being a
+  non-match), so the few matches a seed's sample happens to hold do not set u of the
+  rare levels they agree on (the same identifier, the same address).
 - **m** — how often true matches look like this — and λ, the share of matches among the
   pairs compared, by expectation–maximisation with u held at its random-pair estimate
   (`ExpectationMaximisation`, the `WeightEstimator` seam of weights.py; it can also
@@ -73,6 +76,7 @@ MAX_BLOCKED_PAIRS = 200_000  # blocked pairs for EM (a seeded sample beyond that
 MAX_BLOCK = 1_000  # blocks bigger than this are left out of the EM pairs
 TF_MIN_SHARE = 1e-5  # a name is never taken to be rarer than 1 in 100,000
 START_MATCH_PROPORTION = 0.1
+NONMATCH_PASSES = 2  # E steps over the random pairs for u among non-matches
 
 # EM sessions: (the blocking-key prefix whose pairs are used, the fields it conditions on).
 SESSIONS: tuple[tuple[str, frozenset[Field]], ...] = (
@@ -606,7 +610,7 @@ def _term_frequencies(f: str, tf: Any) -> TermFrequencies:
     )
 
 
-# Fields whose u is not corrected for the matches among random pairs (`without_matches`):
+# Fields whose u is not corrected for the matches among random pairs (`u_among_nonmatches`):
 # corrected, the birth date's exact agreement weighs 2–4 bits more, and on HDX's synthetic
 # set namesakes (a common name and the same birth date, elsewhere) are linked five times
 # as often (docs/performance.md).
@@ -627,36 +631,67 @@ def random_match_rate(
     return 0.0
 
 
-def without_matches(
-    u: Mapping[Field, Mapping[Level, float]],
+def u_among_nonmatches(
+    comparisons: Iterable[Mapping[Field, Level]],
     m: Mapping[Field, Mapping[Level, float]],
+    u: Mapping[Field, Mapping[Level, float]],
     rate: float,
-    random_pairs: int,
+    exact: Mapping[Field, float] | None = None,
     priors: ProbabilityTable = PRIOR_PROBABILITIES,
     prior_pairs: float = U_PRIOR_PAIRS,
     fields: Iterable[Field] | None = None,
+    passes: int = NONMATCH_PASSES,
 ) -> dict[Field, dict[Level, float]]:
-    """u with the matches among the random pairs taken out. A random pair is one person's
-    with probability ``rate`` (`random_match_rate`), so what random pairs show is
-    rate × m + (1 − rate) × u: for a level strangers almost never reach (the same
-    identifier value) most of the agreement seen comes from matches, and u comes out many
-    times too high. u = (seen − rate × m) / (1 − rate), never below the priors'
-    pseudo-count share (what u is when no random pair shows the level), renormalised."""
-    out = {f: dict(levels) for f, levels in u.items()}
+    """u counted over the random pairs that are not one person's: each pair weighs by its
+    posterior of being a non-match (1 − g), g from ``m``, ``u`` and prior odds
+    rate : (1 − rate) (`random_match_rate`): the E step of EM over the random pairs, with
+    m and λ held. The matches a seed's sample happens to hold (a Poisson count: FEBRL4
+    expects ~3 in 30,000 pairs) agree on rare levels — the same identifier, the same
+    address — and subtracting only their *expected* count (rate × m) leaves u of
+    those levels at the mercy of the draw (a shared identifier weighed 13.6 or 21.4 bits by
+    seed); each sampled match is taken out instead. ``exact`` (`exact_agreement`, counted
+    over all records, so exact where a sample is noisy) replaces a field's EXACT level,
+    less the expected matches: (share − rate × m) / (1 − rate), never below the priors'
+    pseudo-count share over the random pairs; fields not in ``fields`` keep ``u``.
+    ``passes`` recomputes g with the u found (twice is plenty: g is ~0 or ~1). A level no
+    non-match shows keeps the priors' pseudo-count share, as `estimate_u` gives it."""
+    table = list(priors)
+    raw = Counter(tuple(c.get(f, Level.MISSING) for f in table) for c in comparisons)
+    patterns: Counter[tuple[Level, ...]] = Counter()
+    for pattern, n in raw.items():
+        patterns[_canonical(dict(zip(table, pattern, strict=True)), priors)] += n
+    chosen = set(fields if fields is not None else table)
+    n_pairs = sum(patterns.values())
+    current = {f: dict(u[f]) for f in table if f in u}
     if rate <= 0:
-        return out
-    for f in fields if fields is not None else list(out):
-        levels, matched, prior = out.get(f), m.get(f), priors.get(f)
-        if levels is None or matched is None or prior is None:
-            continue
-        prior_total = sum(p[1] for p in prior.values())
-        for level in levels:
-            floor = prior_pairs * prior[level][1] / prior_total / (random_pairs + prior_pairs)
-            seen = levels[level] - rate * matched.get(level, 0.0)
-            levels[level] = max(seen / (1.0 - rate), floor)
-        total = sum(levels.values())
-        out[f] = {level: p / total for level, p in levels.items()}
-    return out
+        return current
+    prior_log_odds = math.log(rate) - math.log1p(-rate)
+    for _ in range(max(passes, 1)):
+        counts: LevelCounts = {f: {} for f in table}
+        for pattern, n in patterns.items():
+            log_odds = prior_log_odds
+            for f, level in zip(table, pattern, strict=True):
+                if level is not Level.MISSING and f in m and f in current:
+                    log_odds += math.log(m[f][level]) - math.log(current[f][level])
+            nonmatch = n / (1.0 + math.exp(log_odds)) if log_odds < 700 else 0.0
+            for f, level in zip(table, pattern, strict=True):
+                if level is not Level.MISSING:
+                    counts[f][level] = counts[f].get(level, 0.0) + nonmatch
+        found = {
+            f: _smoothed(counts[f], {lv: p[1] for lv, p in priors[f].items()}, prior_pairs)
+            for f in table
+            if f in chosen
+        }
+        for f, levels in (exact or {}).items():
+            if f not in found or f not in m:
+                continue
+            prior_total = sum(p[1] for p in priors[f].values())
+            floor = prior_pairs * priors[f][Level.EXACT][1] / prior_total
+            floor /= n_pairs + prior_pairs
+            corrected = (levels - rate * m[f][Level.EXACT]) / (1.0 - rate)
+            found = with_exact(found, {f: max(corrected, floor)})
+        current = {f: found.get(f, levels) for f, levels in current.items()}
+    return current
 
 
 def estimate_model(
@@ -674,8 +709,10 @@ def estimate_model(
     em = em or ExpectationMaximisation()
     rng = random.Random(seed)
     rand = random_pairs(len(records), n_random_pairs, rng)
-    u = estimate_u((compare(records[i], records[j]) for i, j in rand), priors, em.u_prior_pairs)
-    u = with_exact(u, exact_agreement(records))
+    rand_comparisons = [compare(records[i], records[j]) for i, j in rand]
+    u = estimate_u(rand_comparisons, priors, em.u_prior_pairs)
+    exact = exact_agreement(records)
+    u = with_exact(u, exact)
     start = {f: {lv: (p[0], u[f][lv]) for lv, p in priors[f].items()} for f in priors}
     m_sum: dict[Field, dict[Level, float]] = {}
     u_sum: dict[Field, dict[Level, float]] = {}
@@ -728,11 +765,12 @@ def estimate_model(
         for f, levels in start.items()
     }
     rate = random_match_rate(len(records), runs, m.get(Field.BIRTH_DATE, {}).get(Level.EXACT, 0.0))
-    u_final = without_matches(
-        u_final,
+    u_final = u_among_nonmatches(
+        rand_comparisons,
         m,
+        u_final,
         rate,
-        len(rand),
+        {f: p for f, p in exact.items() if f not in UNCORRECTED_U},
         priors,
         em.u_prior_pairs,
         [f for f in u_final if f not in UNCORRECTED_U],
