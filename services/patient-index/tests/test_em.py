@@ -10,17 +10,20 @@ from datetime import date, timedelta
 import orjson
 import pytest
 
-from hdx_patient_index.domain.comparators import Field, Level
+from hdx_patient_index.domain.blocking import index_keys
+from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.em import (
     ExpectationMaximisation,
     MatchModel,
     ModelError,
+    anchor_counts,
     blocked_pairs,
     estimate_model,
     estimate_u,
     exact_agreement,
     household_lifted,
+    level_vectors,
     random_match_rate,
     random_pairs,
     term_frequencies,
@@ -247,6 +250,31 @@ def test_blocked_pairs_share_a_key_of_the_prefix() -> None:
     assert blocked_pairs([a, b, c], "d:") == [(0, 1)]
     assert blocked_pairs([a, b, c], "n:") == [(0, 2)]
     assert blocked_pairs([a, b, c], "d:", max_block=1) == []
+    # Keys made once for both sessions give the same pairs.
+    keys = [index_keys(d) for d in (a, b, c)]
+    assert blocked_pairs([a, b, c], "d:", keys=keys) == [(0, 1)]
+    assert blocked_pairs([a, b, c], "n:", keys=keys) == [(0, 2)]
+
+
+def test_level_vectors_count_each_distinct_vector_over_the_table() -> None:
+    agree = {F.FAMILY: L.EXACT, F.GIVEN: L.EXACT}
+    vectors = level_vectors([agree, agree, {F.FAMILY: L.DISAGREE}])
+    fields = list(PRIOR_PROBABILITIES)
+    assert sum(vectors.values()) == 3 and len(vectors) == 2
+    assert vectors[tuple(agree.get(f, L.MISSING) for f in fields)] == 2
+    only = {F.FAMILY: L.DISAGREE}
+    assert vectors[tuple(only.get(f, L.MISSING) for f in fields)] == 1
+
+
+def test_anchor_pairs_compared_once_with_the_sessions() -> None:
+    records = [
+        replace(d, identifiers=(Identifier("urn:hospital", "H1" if n % 3 else "H2"),))
+        for n, d in enumerate(_people(12, seed=4))
+    ]
+    cache: dict[tuple[int, int], dict[Field, Level]] = {}
+    assert anchor_counts(records, compared=cache) == anchor_counts(records)
+    assert cache and all(i < j for i, j in cache)
+    assert all(levels == compare(records[i], records[j]) for (i, j), levels in cache.items())
 
 
 def test_term_frequencies_count_shares_and_floor_the_rest() -> None:

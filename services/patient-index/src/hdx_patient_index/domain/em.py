@@ -224,8 +224,22 @@ def estimate_u(
     prior_pairs: float = U_PRIOR_PAIRS,
 ) -> dict[Field, dict[Level, float]]:
     """u per field and level from the comparison vectors of random pairs (smoothed)."""
+    return _u_counted(level_vectors(comparisons, priors), priors, prior_pairs)
+
+
+def level_vectors(
+    comparisons: Iterable[Mapping[Field, Level]], table: ProbabilityTable = PRIOR_PROBABILITIES
+) -> Counter[tuple[Level, ...]]:
+    """The comparisons as vectors over the table's fields (MISSING where absent), counted:
+    all that u is counted from, without keeping one mapping per pair."""
+    fields = list(table)
+    return Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
+
+
+def _u_counted(
+    raw: Counter[tuple[Level, ...]], priors: ProbabilityTable, prior_pairs: float
+) -> dict[Field, dict[Level, float]]:
     fields = list(priors)
-    raw = Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
     counts: LevelCounts = {f: {} for f in priors}
     for pattern, n in raw.items():
         canonical = _canonical(dict(zip(fields, pattern, strict=True)), priors)
@@ -303,13 +317,14 @@ def blocked_pairs(
     max_pairs: int = MAX_BLOCKED_PAIRS,
     max_block: int = MAX_BLOCK,
     rng: random.Random | None = None,
+    keys: Sequence[frozenset[str]] | None = None,
 ) -> list[tuple[int, int]]:
     """The pairs of records that share an index key starting with ``prefix`` (the keys of
     blocking.py), leaving out blocks bigger than ``max_block``; a seeded sample when there
-    are more than ``max_pairs``."""
+    are more than ``max_pairs``. ``keys``: each record's `index_keys`, if already made."""
     blocks: dict[str, list[int]] = {}
     for i, d in enumerate(records):
-        for key in index_keys(d):
+        for key in keys[i] if keys is not None else index_keys(d):
             if key.startswith(prefix):
                 blocks.setdefault(key, []).append(i)
     pairs: set[tuple[int, int]] = set()
@@ -348,7 +363,9 @@ def _share_trusted(a: Demographics, b: Demographics) -> bool:
 
 
 def anchor_counts(
-    records: Sequence[Demographics], max_group: int = MAX_ANCHOR_GROUP
+    records: Sequence[Demographics],
+    max_group: int = MAX_ANCHOR_GROUP,
+    compared: dict[tuple[int, int], dict[Field, Level]] | None = None,
 ) -> Counter[Shape]:
     """The shapes (`anchor_shapes`) of the pairs of records that share an identifier value
     of one system, trusted or not: one person's records, since family members never share
@@ -365,9 +382,24 @@ def anchor_counts(
             pairs.update(itertools.combinations(group, 2))
     counts: Counter[Shape] = Counter()
     for i, j in sorted(pairs):
-        a, b = records[i], records[j]
-        counts.update(anchor_shapes(a, b, compare(a, b)))
+        counts.update(anchor_shapes(records[i], records[j], _compared(records, i, j, compared)))
     return counts
+
+
+def _compared(
+    records: Sequence[Demographics],
+    i: int,
+    j: int,
+    cache: dict[tuple[int, int], dict[Field, Level]] | None,
+) -> dict[Field, Level]:
+    """compare(records[i], records[j]), once per pair when given a cache (the EM sessions
+    and the anchor pairs share many: a person's records share a birth date and a name)."""
+    if cache is None:
+        return compare(records[i], records[j])
+    levels = cache.get((i, j))
+    if levels is None:
+        levels = cache[(i, j)] = compare(records[i], records[j])
+    return levels
 
 
 def household_counts(
@@ -655,8 +687,23 @@ def u_among_nonmatches(
     pseudo-count share over the random pairs; fields not in ``fields`` keep ``u``.
     ``passes`` recomputes g with the u found (twice is plenty: g is ~0 or ~1). A level no
     non-match shows keeps the priors' pseudo-count share, as `estimate_u` gives it."""
+    return _u_among_nonmatches_counted(
+        level_vectors(comparisons, priors), m, u, rate, exact, priors, prior_pairs, fields, passes
+    )
+
+
+def _u_among_nonmatches_counted(
+    raw: Counter[tuple[Level, ...]],
+    m: Mapping[Field, Mapping[Level, float]],
+    u: Mapping[Field, Mapping[Level, float]],
+    rate: float,
+    exact: Mapping[Field, float] | None,
+    priors: ProbabilityTable,
+    prior_pairs: float,
+    fields: Iterable[Field] | None,
+    passes: int,
+) -> dict[Field, dict[Level, float]]:
     table = list(priors)
-    raw = Counter(tuple(c.get(f, Level.MISSING) for f in table) for c in comparisons)
     patterns: Counter[tuple[Level, ...]] = Counter()
     for pattern, n in raw.items():
         patterns[_canonical(dict(zip(table, pattern, strict=True)), priors)] += n
@@ -709,8 +756,9 @@ def estimate_model(
     em = em or ExpectationMaximisation()
     rng = random.Random(seed)
     rand = random_pairs(len(records), n_random_pairs, rng)
-    rand_comparisons = [compare(records[i], records[j]) for i, j in rand]
-    u = estimate_u(rand_comparisons, priors, em.u_prior_pairs)
+    # The random pairs' levels, counted as they are compared (no mapping kept per pair).
+    rand_vectors = level_vectors((compare(records[i], records[j]) for i, j in rand), priors)
+    u = _u_counted(rand_vectors, priors, em.u_prior_pairs)
     exact = exact_agreement(records)
     u = with_exact(u, exact)
     start = {f: {lv: (p[0], u[f][lv]) for lv, p in priors[f].items()} for f in priors}
@@ -718,11 +766,13 @@ def estimate_model(
     u_sum: dict[Field, dict[Level, float]] = {}
     estimated: Counter[Field] = Counter()
     runs: list[dict[str, Any]] = []
-    anchors = anchor_counts(records)
+    compared: dict[tuple[int, int], dict[Field, Level]] = {}
+    anchors = anchor_counts(records, compared=compared)
     household: dict[str, dict[str, float]] = {}
+    keys = [index_keys(d) for d in records]
     for prefix, conditioned in sessions:
-        pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng)
-        comparisons = [compare(records[i], records[j]) for i, j in pairs]
+        pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng, keys=keys)
+        comparisons = [_compared(records, i, j, compared) for i, j in pairs]
         result = em.fit(comparisons, start, conditioned)
         tests = [(h, t) for h, t in HOUSEHOLD_TESTS.items() if t[0] == prefix]
         if tests:
@@ -765,8 +815,8 @@ def estimate_model(
         for f, levels in start.items()
     }
     rate = random_match_rate(len(records), runs, m.get(Field.BIRTH_DATE, {}).get(Level.EXACT, 0.0))
-    u_final = u_among_nonmatches(
-        rand_comparisons,
+    u_final = _u_among_nonmatches_counted(
+        rand_vectors,
         m,
         u_final,
         rate,
@@ -774,6 +824,7 @@ def estimate_model(
         priors,
         em.u_prior_pairs,
         [f for f in u_final if f not in UNCORRECTED_U],
+        NONMATCH_PASSES,
     )
     tf = term_frequencies(records, {f: m[f][Level.EXACT] for f in TERM_VALUES if f in m})
     weights = [r["match_proportion"] * r["pairs"] for r in runs]
