@@ -400,10 +400,15 @@ def _transposed(a: Demographics, b: Demographics) -> bool:
     family_a, given_a = fa
     family_b, given_b = fb
     first_a, first_b = a.given[0], b.given[0]
-    one = max(jaro_winkler(family_a, given_b), jaro_winkler(family_a, first_b))
+    # With one given name, all of them together is that name: one Jaro–Winkler will do.
+    one = jaro_winkler(family_a, given_b)
+    if first_b != given_b:
+        one = max(one, jaro_winkler(family_a, first_b))
     if one < JW_LOW:
         return False  # both crossings must reach JW_LOW: the other one need not be computed
-    two = max(jaro_winkler(given_a, family_b), jaro_winkler(first_a, family_b))
+    two = jaro_winkler(given_a, family_b)
+    if first_a != given_a:
+        two = max(two, jaro_winkler(first_a, family_b))
     return min(one, two) >= JW_LOW and max(one, two) >= JW_HIGH
 
 
