@@ -18,6 +18,7 @@ from hdx_patient_index.domain.comparators import (
     compare_gender,
     compare_given,
     compare_identifiers,
+    compare_lines,
     compare_middle,
     compare_phone,
     compare_postcode,
@@ -347,3 +348,19 @@ def test_the_same_address_lines_in_another_order_are_the_same_address() -> None:
     flat = _lines("LS14AB", "2 Rose Court", "10 High Street")
     other = _lines("LS14AB", "10 Rose Court", "2 High Street")
     assert compare_address(flat, other) is Level.PARTIAL  # as their first lines say
+
+
+def test_the_best_of_several_address_lines_counts() -> None:
+    one = Demographics(addresses=("12 station rd",))
+    two = Demographics(addresses=("5 low rd", "12 station rd"))
+    street = Demographics(addresses=("7 low rd",))
+    assert compare_lines(one, two) is compare_lines(two, one) is Level.EXACT
+    assert compare_lines(two, street) is compare_lines(street, two) is Level.PARTIAL
+    assert compare_lines(one, street) is Level.DISAGREE
+    assert compare_lines(one, Demographics(addresses=("12 statoin rd",))) is Level.FUZZY_HIGH
+    assert compare_lines(one, Demographics()) is Level.MISSING
+
+
+def test_family_names_of_several_words_share_a_word() -> None:
+    assert compare_family(demo(family="Van Dyke"), demo(family="Dyke")) is Level.PARTIAL
+    assert compare_family(demo(family="Van Dyke"), demo(family="Hopper")) is Level.DISAGREE

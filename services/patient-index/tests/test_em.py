@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from datetime import date, timedelta
 
 import orjson
 import pytest
 
-from hdx_patient_index.domain.comparators import Field, Level
+from hdx_patient_index.domain.blocking import index_keys
+from hdx_patient_index.domain.comparators import Field, Level, compare
 from hdx_patient_index.domain.demographics import Demographics
 from hdx_patient_index.domain.em import (
     ExpectationMaximisation,
     MatchModel,
     ModelError,
+    anchor_counts,
     blocked_pairs,
     estimate_model,
     estimate_u,
     exact_agreement,
     household_lifted,
+    level_vectors,
     random_match_rate,
     random_pairs,
     term_frequencies,
+    u_among_nonmatches,
     with_exact,
-    without_matches,
 )
+from hdx_patient_index.domain.identifiers import Identifier
 from hdx_patient_index.domain.matching import Hold
 from hdx_patient_index.domain.weights import (
     DEFAULT_WEIGHTS,
@@ -245,6 +250,31 @@ def test_blocked_pairs_share_a_key_of_the_prefix() -> None:
     assert blocked_pairs([a, b, c], "d:") == [(0, 1)]
     assert blocked_pairs([a, b, c], "n:") == [(0, 2)]
     assert blocked_pairs([a, b, c], "d:", max_block=1) == []
+    # Keys made once for both sessions give the same pairs.
+    keys = [index_keys(d) for d in (a, b, c)]
+    assert blocked_pairs([a, b, c], "d:", keys=keys) == [(0, 1)]
+    assert blocked_pairs([a, b, c], "n:", keys=keys) == [(0, 2)]
+
+
+def test_level_vectors_count_each_distinct_vector_over_the_table() -> None:
+    agree = {F.FAMILY: L.EXACT, F.GIVEN: L.EXACT}
+    vectors = level_vectors([agree, agree, {F.FAMILY: L.DISAGREE}])
+    fields = list(PRIOR_PROBABILITIES)
+    assert sum(vectors.values()) == 3 and len(vectors) == 2
+    assert vectors[tuple(agree.get(f, L.MISSING) for f in fields)] == 2
+    only = {F.FAMILY: L.DISAGREE}
+    assert vectors[tuple(only.get(f, L.MISSING) for f in fields)] == 1
+
+
+def test_anchor_pairs_compared_once_with_the_sessions() -> None:
+    records = [
+        replace(d, identifiers=(Identifier("urn:hospital", "H1" if n % 3 else "H2"),))
+        for n, d in enumerate(_people(12, seed=4))
+    ]
+    cache: dict[tuple[int, int], dict[Field, Level]] = {}
+    assert anchor_counts(records, compared=cache) == anchor_counts(records)
+    assert cache and all(i < j for i, j in cache)
+    assert all(levels == compare(records[i], records[j]) for (i, j), levels in cache.items())
 
 
 def test_term_frequencies_count_shares_and_floor_the_rest() -> None:
@@ -425,23 +455,94 @@ def test_a_model_counts_household_evidence_from_the_records() -> None:
     assert model.lifted_holds() == frozenset()
 
 
-def test_u_without_the_matches_among_random_pairs() -> None:
-    # 1 random pair in 10,000 is one person's; strangers share an identifier 1 in 10^7.
+def _random_sample(matches: int, strangers_sharing_a_phone: int = 0) -> list[dict[Field, Level]]:
+    """30,000 random pairs: strangers who disagree on everything, a few who share a phone
+    (a household), and ``matches`` pairs of one person who agree on nearly everything."""
+    stranger = dict.fromkeys(PRIOR_PROBABILITIES, L.DISAGREE)
+    household = stranger | {F.PHONE: L.EXACT, F.FAMILY: L.EXACT}
+    person = stranger | {
+        F.FAMILY: L.EXACT,
+        F.GIVEN: L.EXACT,
+        F.BIRTH_DATE: L.EXACT,
+        F.ADDRESS: L.EXACT,
+        F.IDENTIFIER: L.EXACT,
+    }
+    rest = 30_000 - matches - strangers_sharing_a_phone
+    return [person] * matches + [household] * strangers_sharing_a_phone + [stranger] * rest
+
+
+def _m_and_u() -> tuple[dict[Field, dict[Level, float]], dict[Field, dict[Level, float]]]:
+    m = {f: {lv: p[0] for lv, p in levels.items()} for f, levels in PRIOR_PROBABILITIES.items()}
+    u = {f: {lv: p[1] for lv, p in levels.items()} for f, levels in PRIOR_PROBABILITIES.items()}
+    return m, u
+
+
+def test_u_among_nonmatches_does_not_depend_on_how_many_matches_the_sample_holds() -> None:
+    # A seed's sample holds a Poisson count of one person's pairs (FEBRL4: ~3); each agrees
+    # on the same identifier. Counted as strangers they set u of that level (5 of them: u
+    # ~1.6e-4, 12 bits less than none); weighed by their posterior they are taken out.
+    m, u = _m_and_u()
     rate = 1e-4
-    m = {F.IDENTIFIER: {L.EXACT: 0.9, L.ONE_DIGIT: 0.05, L.DISAGREE: 0.05}}
-    true_u = {L.EXACT: 1e-7, L.ONE_DIGIT: 1e-6, L.DISAGREE: 1 - 1.1e-6}
-    seen = {lv: rate * m[F.IDENTIFIER][lv] + (1 - rate) * true_u[lv] for lv in true_u}
-    fixed = without_matches({F.IDENTIFIER: seen}, m, rate, 10**9, prior_pairs=1.0)
-    for lv, u in true_u.items():
-        assert fixed[F.IDENTIFIER][lv] == pytest.approx(u, rel=1e-3)
-    # Never below the priors' pseudo-count share; a field left out is left alone.
-    tiny = without_matches({F.IDENTIFIER: seen}, m, 0.01, 30_000)[F.IDENTIFIER][L.EXACT]
-    prior = PRIOR_PROBABILITIES[F.IDENTIFIER]
-    assert tiny == pytest.approx(
-        1_000 * prior[L.EXACT][1] / sum(p[1] for p in prior.values()) / 31_000, rel=1e-2
+    found = [
+        u_among_nonmatches(_random_sample(k), m, estimate_u(_random_sample(k)), rate)
+        for k in (0, 1, 5)
+    ]
+    for f in (F.IDENTIFIER, F.ADDRESS, F.FAMILY):
+        for k in (1, 2):
+            assert found[k][f][L.EXACT] == pytest.approx(found[0][f][L.EXACT], rel=1e-3)
+    naive = estimate_u(_random_sample(5))[F.IDENTIFIER][L.EXACT]
+    assert math.log2(naive / found[2][F.IDENTIFIER][L.EXACT]) > 8
+    # No stranger shows the level: the priors' pseudo-count share, as estimate_u gives it.
+    assert found[0][F.IDENTIFIER][L.EXACT] == pytest.approx(
+        estimate_u(_random_sample(0))[F.IDENTIFIER][L.EXACT]
     )
-    assert without_matches({F.IDENTIFIER: seen}, m, rate, 30_000, fields=[])[F.IDENTIFIER] == seen
-    assert without_matches({F.IDENTIFIER: seen}, m, 0.0, 30_000)[F.IDENTIFIER] == seen
+    for levels in found[2].values():
+        assert sum(levels.values()) == pytest.approx(1.0)
+    # Without a random match rate there is nothing to take out.
+    assert u_among_nonmatches(_random_sample(5), m, u, 0.0) == u
+
+
+def test_u_among_nonmatches_keeps_what_strangers_share() -> None:
+    # A household shares a phone: strangers' agreement is u's business, and stays in it.
+    m, u = _m_and_u()
+    sample = _random_sample(3, strangers_sharing_a_phone=30)
+    found = u_among_nonmatches(sample, m, estimate_u(sample), 1e-4)
+    assert found[F.PHONE][L.EXACT] == pytest.approx(30 / 30_000, rel=0.05)
+    # Fields left out keep the u they came with.
+    kept = u_among_nonmatches(sample, m, u, 1e-4, fields=[F.PHONE])
+    assert kept[F.IDENTIFIER] == u[F.IDENTIFIER]
+
+
+def test_u_among_nonmatches_takes_counted_exact_agreement_less_the_expected_matches() -> None:
+    m, u = _m_and_u()
+    rate = 1e-4
+    share = 5e-3  # family names counted over all records: matches and strangers alike
+    found = u_among_nonmatches(_random_sample(0), m, u, rate, {F.FAMILY: share})
+    expected = (share - rate * m[F.FAMILY][L.EXACT]) / (1 - rate)
+    assert found[F.FAMILY][L.EXACT] == pytest.approx(expected)
+    assert sum(found[F.FAMILY].values()) == pytest.approx(1.0)
+    # Never below the priors' pseudo-count share over the random pairs.
+    floor = u_among_nonmatches(_random_sample(0), m, u, rate, {F.FAMILY: 1e-9})
+    prior = PRIOR_PROBABILITIES[F.FAMILY]
+    assert floor[F.FAMILY][L.EXACT] == pytest.approx(
+        1_000 * prior[L.EXACT][1] / sum(p[1] for p in prior.values()) / 31_000
+    )
+
+
+def test_a_model_u_is_the_same_whatever_the_seed_for_levels_only_matches_reach() -> None:
+    # Records whose persons each have two records sharing an identifier: a random pair
+    # shares one only when it is one person's, so u of a shared identifier must not
+    # depend on how many of them the seed's random pairs caught.
+    records: list[Demographics] = []
+    person = 0
+    for d in _people(400, seed=3):
+        person = len(records) if d.addresses else person  # a duplicate has no address line
+        records.append(replace(d, identifiers=(Identifier("urn:hospital", f"H{person * 7919}"),)))
+    us = {
+        estimate_model(records, seed=s, n_random_pairs=5_000).u[F.IDENTIFIER][L.EXACT]
+        for s in range(4)
+    }
+    assert max(us) / min(us) < 1.01
 
 
 def test_the_random_match_rate_comes_from_the_birth_date_session() -> None:

@@ -89,6 +89,11 @@ def compare_strings(a: str, b: str) -> Level:
     return Level.DISAGREE
 
 
+@lru_cache(maxsize=65_536)
+def _words(name: str) -> frozenset[str]:
+    return frozenset(name.split())
+
+
 def compare_family(a: Demographics, b: Demographics) -> Level:
     if not a.family or not b.family:
         return Level.MISSING
@@ -98,6 +103,8 @@ def compare_family(a: Demographics, b: Demographics) -> Level:
     if level in (Level.EXACT, Level.FUZZY_HIGH, Level.PHONETIC):
         return level
     # Double-barrelled names, a maiden name on one side, a previous name on the other.
+    if not a.other_families and not b.other_families:  # the common case, words cached
+        return Level.PARTIAL if not _words(a.family).isdisjoint(_words(b.family)) else level
     words_a = {w for f in (a.family, *a.other_families) for w in f.split()}
     words_b = {w for f in (b.family, *b.other_families) for w in f.split()}
     if words_a & words_b:
@@ -231,6 +238,7 @@ def compare_postcode(a: Demographics, b: Demographics) -> Level:
     return Level.DISTRICT if districts_a & districts_b else Level.DISAGREE
 
 
+@lru_cache(maxsize=65_536)
 def _split_word(street: str) -> bool:
     """Has the street a letter standing alone ('bat h pace'): a word a space was typed
     into? ('king st' / 'kingsway' has none: two streets, not one mistyped.)"""
@@ -270,6 +278,17 @@ def compare_lines(a: Demographics, b: Demographics) -> Level:
     'allunga') is the same line: exact."""
     if not a.addresses or not b.addresses:
         return Level.MISSING
+    if len(a.addresses) == 1 and len(b.addresses) == 1:  # the common case, without the loop
+        best = _compare_line(a.addresses[0], b.addresses[0])
+        if best is Level.EXACT:
+            return best
+        if (
+            a.address_words
+            and b.address_words
+            and not set(a.address_words).isdisjoint(b.address_words)
+        ):
+            return Level.EXACT  # the same lines in another order (`address_words`)
+        return best
     best = Level.DISAGREE
     for x in a.addresses:
         for y in b.addresses:
@@ -381,8 +400,15 @@ def _transposed(a: Demographics, b: Demographics) -> bool:
     family_a, given_a = fa
     family_b, given_b = fb
     first_a, first_b = a.given[0], b.given[0]
-    one = max(jaro_winkler(family_a, given_b), jaro_winkler(family_a, first_b))
-    two = max(jaro_winkler(given_a, family_b), jaro_winkler(first_a, family_b))
+    # With one given name, all of them together is that name: one Jaro–Winkler will do.
+    one = jaro_winkler(family_a, given_b)
+    if first_b != given_b:
+        one = max(one, jaro_winkler(family_a, first_b))
+    if one < JW_LOW:
+        return False  # both crossings must reach JW_LOW: the other one need not be computed
+    two = jaro_winkler(given_a, family_b)
+    if first_a != given_a:
+        two = max(two, jaro_winkler(first_a, family_b))
     return min(one, two) >= JW_LOW and max(one, two) >= JW_HIGH
 
 

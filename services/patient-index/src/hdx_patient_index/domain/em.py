@@ -9,7 +9,10 @@ records (demographics) and nothing else:
   Where a level is plain equality of one value (family name, first given name, birth
   date, gender: EXACT) its u is counted from the value counts instead (`exact_agreement`),
   which is exact where sampling is noisy; the field's other levels keep their sampled
-  proportions.
+  proportions. Once EM has found m, u is counted again over the random pairs that are not
+  one person's (`u_among_nonmatches`: each pair weighs by its posterior of being a
+  non-match), so the few matches a seed's sample happens to hold do not set u of the
+  rare levels they agree on (the same identifier, the same address).
 - **m** — how often true matches look like this — and λ, the share of matches among the
   pairs compared, by expectation–maximisation with u held at its random-pair estimate
   (`ExpectationMaximisation`, the `WeightEstimator` seam of weights.py; it can also
@@ -73,6 +76,7 @@ MAX_BLOCKED_PAIRS = 200_000  # blocked pairs for EM (a seeded sample beyond that
 MAX_BLOCK = 1_000  # blocks bigger than this are left out of the EM pairs
 TF_MIN_SHARE = 1e-5  # a name is never taken to be rarer than 1 in 100,000
 START_MATCH_PROPORTION = 0.1
+NONMATCH_PASSES = 2  # E steps over the random pairs for u among non-matches
 
 # EM sessions: (the blocking-key prefix whose pairs are used, the fields it conditions on).
 SESSIONS: tuple[tuple[str, frozenset[Field]], ...] = (
@@ -220,8 +224,22 @@ def estimate_u(
     prior_pairs: float = U_PRIOR_PAIRS,
 ) -> dict[Field, dict[Level, float]]:
     """u per field and level from the comparison vectors of random pairs (smoothed)."""
+    return _u_counted(level_vectors(comparisons, priors), priors, prior_pairs)
+
+
+def level_vectors(
+    comparisons: Iterable[Mapping[Field, Level]], table: ProbabilityTable = PRIOR_PROBABILITIES
+) -> Counter[tuple[Level, ...]]:
+    """The comparisons as vectors over the table's fields (MISSING where absent), counted:
+    all that u is counted from, without keeping one mapping per pair."""
+    fields = list(table)
+    return Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
+
+
+def _u_counted(
+    raw: Counter[tuple[Level, ...]], priors: ProbabilityTable, prior_pairs: float
+) -> dict[Field, dict[Level, float]]:
     fields = list(priors)
-    raw = Counter(tuple(c.get(f, Level.MISSING) for f in fields) for c in comparisons)
     counts: LevelCounts = {f: {} for f in priors}
     for pattern, n in raw.items():
         canonical = _canonical(dict(zip(fields, pattern, strict=True)), priors)
@@ -299,13 +317,14 @@ def blocked_pairs(
     max_pairs: int = MAX_BLOCKED_PAIRS,
     max_block: int = MAX_BLOCK,
     rng: random.Random | None = None,
+    keys: Sequence[frozenset[str]] | None = None,
 ) -> list[tuple[int, int]]:
     """The pairs of records that share an index key starting with ``prefix`` (the keys of
     blocking.py), leaving out blocks bigger than ``max_block``; a seeded sample when there
-    are more than ``max_pairs``."""
+    are more than ``max_pairs``. ``keys``: each record's `index_keys`, if already made."""
     blocks: dict[str, list[int]] = {}
     for i, d in enumerate(records):
-        for key in index_keys(d):
+        for key in keys[i] if keys is not None else index_keys(d):
             if key.startswith(prefix):
                 blocks.setdefault(key, []).append(i)
     pairs: set[tuple[int, int]] = set()
@@ -344,7 +363,9 @@ def _share_trusted(a: Demographics, b: Demographics) -> bool:
 
 
 def anchor_counts(
-    records: Sequence[Demographics], max_group: int = MAX_ANCHOR_GROUP
+    records: Sequence[Demographics],
+    max_group: int = MAX_ANCHOR_GROUP,
+    compared: dict[tuple[int, int], dict[Field, Level]] | None = None,
 ) -> Counter[Shape]:
     """The shapes (`anchor_shapes`) of the pairs of records that share an identifier value
     of one system, trusted or not: one person's records, since family members never share
@@ -361,9 +382,24 @@ def anchor_counts(
             pairs.update(itertools.combinations(group, 2))
     counts: Counter[Shape] = Counter()
     for i, j in sorted(pairs):
-        a, b = records[i], records[j]
-        counts.update(anchor_shapes(a, b, compare(a, b)))
+        counts.update(anchor_shapes(records[i], records[j], _compared(records, i, j, compared)))
     return counts
+
+
+def _compared(
+    records: Sequence[Demographics],
+    i: int,
+    j: int,
+    cache: dict[tuple[int, int], dict[Field, Level]] | None,
+) -> dict[Field, Level]:
+    """compare(records[i], records[j]), once per pair when given a cache (the EM sessions
+    and the anchor pairs share many: a person's records share a birth date and a name)."""
+    if cache is None:
+        return compare(records[i], records[j])
+    levels = cache.get((i, j))
+    if levels is None:
+        levels = cache[(i, j)] = compare(records[i], records[j])
+    return levels
 
 
 def household_counts(
@@ -606,7 +642,7 @@ def _term_frequencies(f: str, tf: Any) -> TermFrequencies:
     )
 
 
-# Fields whose u is not corrected for the matches among random pairs (`without_matches`):
+# Fields whose u is not corrected for the matches among random pairs (`u_among_nonmatches`):
 # corrected, the birth date's exact agreement weighs 2–4 bits more, and on HDX's synthetic
 # set namesakes (a common name and the same birth date, elsewhere) are linked five times
 # as often (docs/performance.md).
@@ -627,36 +663,82 @@ def random_match_rate(
     return 0.0
 
 
-def without_matches(
-    u: Mapping[Field, Mapping[Level, float]],
+def u_among_nonmatches(
+    comparisons: Iterable[Mapping[Field, Level]],
     m: Mapping[Field, Mapping[Level, float]],
+    u: Mapping[Field, Mapping[Level, float]],
     rate: float,
-    random_pairs: int,
+    exact: Mapping[Field, float] | None = None,
     priors: ProbabilityTable = PRIOR_PROBABILITIES,
     prior_pairs: float = U_PRIOR_PAIRS,
     fields: Iterable[Field] | None = None,
+    passes: int = NONMATCH_PASSES,
 ) -> dict[Field, dict[Level, float]]:
-    """u with the matches among the random pairs taken out. A random pair is one person's
-    with probability ``rate`` (`random_match_rate`), so what random pairs show is
-    rate × m + (1 − rate) × u: for a level strangers almost never reach (the same
-    identifier value) most of the agreement seen comes from matches, and u comes out many
-    times too high. u = (seen − rate × m) / (1 − rate), never below the priors'
-    pseudo-count share (what u is when no random pair shows the level), renormalised."""
-    out = {f: dict(levels) for f, levels in u.items()}
+    """u counted over the random pairs that are not one person's: each pair weighs by its
+    posterior of being a non-match (1 − g), g from ``m``, ``u`` and prior odds
+    rate : (1 − rate) (`random_match_rate`): the E step of EM over the random pairs, with
+    m and λ held. The matches a seed's sample happens to hold (a Poisson count: FEBRL4
+    expects ~3 in 30,000 pairs) agree on rare levels — the same identifier, the same
+    address — and subtracting only their *expected* count (rate × m) leaves u of
+    those levels at the mercy of the draw (a shared identifier weighed 13.6 or 21.4 bits by
+    seed); each sampled match is taken out instead. ``exact`` (`exact_agreement`, counted
+    over all records, so exact where a sample is noisy) replaces a field's EXACT level,
+    less the expected matches: (share − rate × m) / (1 − rate), never below the priors'
+    pseudo-count share over the random pairs; fields not in ``fields`` keep ``u``.
+    ``passes`` recomputes g with the u found (twice is plenty: g is ~0 or ~1). A level no
+    non-match shows keeps the priors' pseudo-count share, as `estimate_u` gives it."""
+    return _u_among_nonmatches_counted(
+        level_vectors(comparisons, priors), m, u, rate, exact, priors, prior_pairs, fields, passes
+    )
+
+
+def _u_among_nonmatches_counted(
+    raw: Counter[tuple[Level, ...]],
+    m: Mapping[Field, Mapping[Level, float]],
+    u: Mapping[Field, Mapping[Level, float]],
+    rate: float,
+    exact: Mapping[Field, float] | None,
+    priors: ProbabilityTable,
+    prior_pairs: float,
+    fields: Iterable[Field] | None,
+    passes: int,
+) -> dict[Field, dict[Level, float]]:
+    table = list(priors)
+    patterns: Counter[tuple[Level, ...]] = Counter()
+    for pattern, n in raw.items():
+        patterns[_canonical(dict(zip(table, pattern, strict=True)), priors)] += n
+    chosen = set(fields if fields is not None else table)
+    n_pairs = sum(patterns.values())
+    current = {f: dict(u[f]) for f in table if f in u}
     if rate <= 0:
-        return out
-    for f in fields if fields is not None else list(out):
-        levels, matched, prior = out.get(f), m.get(f), priors.get(f)
-        if levels is None or matched is None or prior is None:
-            continue
-        prior_total = sum(p[1] for p in prior.values())
-        for level in levels:
-            floor = prior_pairs * prior[level][1] / prior_total / (random_pairs + prior_pairs)
-            seen = levels[level] - rate * matched.get(level, 0.0)
-            levels[level] = max(seen / (1.0 - rate), floor)
-        total = sum(levels.values())
-        out[f] = {level: p / total for level, p in levels.items()}
-    return out
+        return current
+    prior_log_odds = math.log(rate) - math.log1p(-rate)
+    for _ in range(max(passes, 1)):
+        counts: LevelCounts = {f: {} for f in table}
+        for pattern, n in patterns.items():
+            log_odds = prior_log_odds
+            for f, level in zip(table, pattern, strict=True):
+                if level is not Level.MISSING and f in m and f in current:
+                    log_odds += math.log(m[f][level]) - math.log(current[f][level])
+            nonmatch = n / (1.0 + math.exp(log_odds)) if log_odds < 700 else 0.0
+            for f, level in zip(table, pattern, strict=True):
+                if level is not Level.MISSING:
+                    counts[f][level] = counts[f].get(level, 0.0) + nonmatch
+        found = {
+            f: _smoothed(counts[f], {lv: p[1] for lv, p in priors[f].items()}, prior_pairs)
+            for f in table
+            if f in chosen
+        }
+        for f, levels in (exact or {}).items():
+            if f not in found or f not in m:
+                continue
+            prior_total = sum(p[1] for p in priors[f].values())
+            floor = prior_pairs * priors[f][Level.EXACT][1] / prior_total
+            floor /= n_pairs + prior_pairs
+            corrected = (levels - rate * m[f][Level.EXACT]) / (1.0 - rate)
+            found = with_exact(found, {f: max(corrected, floor)})
+        current = {f: found.get(f, levels) for f, levels in current.items()}
+    return current
 
 
 def estimate_model(
@@ -674,18 +756,23 @@ def estimate_model(
     em = em or ExpectationMaximisation()
     rng = random.Random(seed)
     rand = random_pairs(len(records), n_random_pairs, rng)
-    u = estimate_u((compare(records[i], records[j]) for i, j in rand), priors, em.u_prior_pairs)
-    u = with_exact(u, exact_agreement(records))
+    # The random pairs' levels, counted as they are compared (no mapping kept per pair).
+    rand_vectors = level_vectors((compare(records[i], records[j]) for i, j in rand), priors)
+    u = _u_counted(rand_vectors, priors, em.u_prior_pairs)
+    exact = exact_agreement(records)
+    u = with_exact(u, exact)
     start = {f: {lv: (p[0], u[f][lv]) for lv, p in priors[f].items()} for f in priors}
     m_sum: dict[Field, dict[Level, float]] = {}
     u_sum: dict[Field, dict[Level, float]] = {}
     estimated: Counter[Field] = Counter()
     runs: list[dict[str, Any]] = []
-    anchors = anchor_counts(records)
+    compared: dict[tuple[int, int], dict[Field, Level]] = {}
+    anchors = anchor_counts(records, compared=compared)
     household: dict[str, dict[str, float]] = {}
+    keys = [index_keys(d) for d in records]
     for prefix, conditioned in sessions:
-        pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng)
-        comparisons = [compare(records[i], records[j]) for i, j in pairs]
+        pairs = blocked_pairs(records, prefix, max_blocked_pairs, rng=rng, keys=keys)
+        comparisons = [_compared(records, i, j, compared) for i, j in pairs]
         result = em.fit(comparisons, start, conditioned)
         tests = [(h, t) for h, t in HOUSEHOLD_TESTS.items() if t[0] == prefix]
         if tests:
@@ -728,14 +815,16 @@ def estimate_model(
         for f, levels in start.items()
     }
     rate = random_match_rate(len(records), runs, m.get(Field.BIRTH_DATE, {}).get(Level.EXACT, 0.0))
-    u_final = without_matches(
-        u_final,
+    u_final = _u_among_nonmatches_counted(
+        rand_vectors,
         m,
+        u_final,
         rate,
-        len(rand),
+        {f: p for f, p in exact.items() if f not in UNCORRECTED_U},
         priors,
         em.u_prior_pairs,
         [f for f in u_final if f not in UNCORRECTED_U],
+        NONMATCH_PASSES,
     )
     tf = term_frequencies(records, {f: m[f][Level.EXACT] for f in TERM_VALUES if f in m})
     weights = [r["match_proportion"] * r["pairs"] for r in runs]
