@@ -130,6 +130,9 @@ def test_the_exchange_split_in_two_processes_delivers_once_and_audits(
         assert [rec.headers["ce_id"] for rec in records] == events
         assert [rec.headers["hdx_event_number"] for rec in records] == ["1", "2", "3"]
         assert [_observation_id(rec) for rec in records] == oids
+        # Made by the second process, they name the exchange's one public address.
+        status_urls = [rec.json()["entry"][0]["request"]["url"] for rec in records]
+        assert all(url.startswith(f"{ex}/fhir/Subscription/") for url in status_urls), status_urls
 
         # The audit log (in the second process) chained every decision; the chain and its
         # newest anchor verify, asked of the first process.

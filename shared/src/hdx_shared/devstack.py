@@ -325,7 +325,9 @@ class LocalStack:
                         # Tansu does not answer a waiting fetch when data arrives: poll briskly.
                         **({"HDX_CONSUMER_FETCH_MAX_WAIT_MS": "10"} if self.broker else {}),
                         "HDX_DATA_DIR": str(self.data_dir),
-                        "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
+                        # One public address per service, the first replica's: what
+                        # notification Bundles and Location headers name.
+                        "HDX_PUBLIC_BASE_URL": f"http://127.0.0.1:{ports[spec.name]}/fhir",
                         "OTEL_SERVICE_NAME": f"hdx-{spec.name}",
                         **auth_env,
                         **self.extra_env,
