@@ -5,16 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hdx_exchange.models import (
-    AssertionJtiRow,
-    AuditHeadRow,
-    AuditLogRow,
-    ClientRow,
-    DeliveryRow,
-    PublisherRow,
-    ResourceOwnerRow,
-    SubscriptionRow,
-)
+from hdx_exchange.models import TABLES
 from hdx_exchange.store import ExchangeStore
 from hdx_shared.db import make_engine, schema_drift
 from hdx_shared.settings import HdxSettings
@@ -26,24 +17,6 @@ def test_migrations_match_the_models(database_url: str, tmp_path: Path) -> None:
         store = ExchangeStore(engine)
         store.create_schema()
         store.create_schema()  # every start runs it; the second time is a no-op
-        assert (
-            schema_drift(
-                engine,
-                [
-                    t.__table__  # type: ignore[attr-defined]
-                    for t in (
-                        PublisherRow,
-                        SubscriptionRow,
-                        DeliveryRow,
-                        ResourceOwnerRow,
-                        AuditLogRow,
-                        AuditHeadRow,
-                        ClientRow,
-                        AssertionJtiRow,
-                    )
-                ],
-            )
-            == []
-        )  # type: ignore[attr-defined]
+        assert schema_drift(engine, [t.__table__ for t in TABLES]) == []
     finally:
         engine.dispose()

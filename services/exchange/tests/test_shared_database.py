@@ -14,31 +14,12 @@ from typing import Any
 import pytest
 
 from hdx_exchange.domain.audit_chain import verify_chain
-from hdx_exchange.models import (
-    AssertionJtiRow,
-    AuditHeadRow,
-    AuditLogRow,
-    ClientRow,
-    DeliveryRow,
-    PublisherRow,
-    ResourceOwnerRow,
-    SubscriptionRow,
-)
+from hdx_exchange.models import TABLES, SubscriptionRow
 from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.db import make_engine, schema_drift
 from hdx_shared.settings import HdxSettings
 
 PROCESSES = 2
-TABLES = (
-    AssertionJtiRow,
-    AuditHeadRow,
-    AuditLogRow,
-    ClientRow,
-    DeliveryRow,
-    PublisherRow,
-    ResourceOwnerRow,
-    SubscriptionRow,
-)
 # fork: the workers need no pickling of this (importlib-imported) test module; each makes
 # its own engine after the fork, so no connection is shared.
 CTX = multiprocessing.get_context("fork")
@@ -172,7 +153,7 @@ def test_replicas_starting_together_migrate_once(
     _run(_migrate, database_url, tmp_path, migrate=False)
     store = _store(database_url, tmp_path)
     try:
-        tables = [t.__table__ for t in TABLES]  # type: ignore[attr-defined]
+        tables = [t.__table__ for t in TABLES]
         assert schema_drift(store.engine, tables) == []
     finally:
         store.engine.dispose()

@@ -4,6 +4,7 @@ log, and the OAuth clients of its authorization server."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel, UniqueConstraint
@@ -136,3 +137,16 @@ class AssertionJtiRow(SQLModel, table=True):
     client_id: str = Field(primary_key=True)
     jti: str = Field(primary_key=True)
     expires_at: datetime = Field(index=True)
+
+
+# Every table of the exchange (what its migrations must build).
+TABLES: tuple[Any, ...] = (
+    PublisherRow,
+    SubscriptionRow,
+    DeliveryRow,
+    ResourceOwnerRow,
+    AuditLogRow,
+    AuditHeadRow,
+    ClientRow,
+    AssertionJtiRow,
+)
