@@ -785,7 +785,7 @@ def postgres_reachable(admin_url: str) -> str | None:
 class Profiler:
     """py-spy recording a process until stopped (collapsed stacks, bench/profile_summary.py)."""
 
-    def __init__(self, pid: int, out: Path, rate: int = 100) -> None:
+    def __init__(self, pid: int, out: Path, rate: int = 100, gil: bool = False) -> None:
         self.out = out
         out.parent.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).with_name("py-spy")
@@ -800,6 +800,7 @@ class Profiler:
                 "--format",
                 "raw",
                 "--nonblocking",
+                *(["--gil"] if gil else []),
                 "--output",
                 str(out),
             ],
@@ -1153,7 +1154,7 @@ def run_hdx(
                     proc = stack.services[svc].process
                     assert proc is not None
                     path = RESULTS / "profiles" / f"{svc}-{stamp}.txt"
-                    profilers.append((svc, Profiler(proc.pid, path)))
+                    profilers.append((svc, Profiler(proc.pid, path, gil=args.profile_gil)))
                     monitor.watch(f"py-spy:{svc}", profilers[-1][1].proc.pid)
 
             def done(result: PhaseResult) -> None:
@@ -1513,6 +1514,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=lambda s: [x for x in s.split(",") if x],
         default=[],
         help="py-spy these services during --profile-phase (comma-separated)",
+    )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="--profile samples only the thread holding the GIL: a process's Python CPU, "
+        "without threads waiting in SQLite or I/O",
     )
     parser.add_argument(
         "--stall-seconds", type=float, default=60.0, help="give up when nothing arrives for this"

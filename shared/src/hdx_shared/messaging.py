@@ -35,6 +35,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import OffsetAndMetadata
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -482,21 +483,65 @@ async def publish_all(broker: KafkaBroker, outgoing: Sequence[Outgoing]) -> None
             await _refresh_if_reconnected(producer, {o.topic for o in outgoing})
             # Straight to the broker's own aiokafka producer: the records are bytes already,
             # so faststream's per-message encoding and middleware would be pure overhead.
-            futures = [
-                await producer.send(
-                    o.topic,
-                    o.value,
-                    key=o.key,
-                    headers=[(k, v.encode()) for k, v in o.headers.items()],
-                )
-                for o in outgoing
-            ]
+            futures = await _send_in_batches(producer, outgoing)
         acked = await asyncio.gather(*futures)
         if producer is not None:
             await _refuse_unread_partitions(producer, acked)
     finally:
         for span in spans:
             span.end()
+
+
+async def _send_in_batches(producer: Any, outgoing: Sequence[Outgoing]) -> list[Any]:
+    """Queue the records as one record batch per partition (aiokafka's `send_batch`): one
+    acknowledgement to wait for per batch, not a future, a metadata check and a partitioner
+    call per record (bench/publish_bench.py: 24 → 11 CPU-µs a record).
+
+    The partition is the one `send` would choose (the producer's own partitioner over the
+    topic's partitions, so a key lands where any Kafka client puts it); each partition's
+    records keep their order. The batches are left open, as `send` leaves its own, so they
+    linger as long as `send`'s would (`HDX_PRODUCER_LINGER_MS`; settings.py says why that
+    is not 0). A record too large to send is refused before anything is queued, by `send`
+    itself, with the error it always gave."""
+    partitioner = getattr(producer, "_partitioner", None)
+    limit = getattr(producer, "_max_request_size", None)
+    cluster = getattr(getattr(producer, "client", None), "cluster", None)
+    if partitioner is None or limit is None or cluster is None:
+        return [
+            await producer.send(o.topic, o.value, key=o.key, headers=_kafka_headers(o))
+            for o in outgoing
+        ]
+    partitions: dict[str, tuple[list[int], list[int]]] = {}
+    for topic in dict.fromkeys(o.topic for o in outgoing):
+        await producer.partitions_for(topic)  # waits for the topic's metadata, as send does
+        partitions[topic] = (
+            list(cluster.partitions_for_topic(topic)),
+            list(cluster.available_partitions_for_topic(topic)),
+        )
+    by_partition: dict[tuple[str, int], list[tuple[Outgoing, list[tuple[str, bytes]]]]] = {}
+    for o in outgoing:
+        headers = _kafka_headers(o)
+        if DefaultRecordBatchBuilder.estimate_size_in_bytes(o.key, o.value, headers) > limit:
+            await producer.send(o.topic, o.value, key=o.key, headers=headers)  # raises
+        every, available = partitions[o.topic]
+        by_partition.setdefault((o.topic, partitioner(o.key, every, available)), []).append(
+            (o, headers)
+        )
+    futures: list[Any] = []
+    for (topic, partition), records in by_partition.items():
+        batch = producer.create_batch()
+        for o, headers in records:
+            if batch.append(timestamp=None, key=o.key, value=o.value, headers=headers) is None:
+                # Full (it closed itself): queue it, and start the next with this record.
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(timestamp=None, key=o.key, value=o.value, headers=headers)
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
+
+
+def _kafka_headers(o: Outgoing) -> list[tuple[str, bytes]]:
+    return [(k, v.encode()) for k, v in o.headers.items()]
 
 
 class PartitionGone(Exception):
