@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from hdx_exchange.domain.routing import PayloadContent, Subscription
+from hdx_shared.envelope import uuid5_str
 
 STATUS_PROFILE = (
     "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
@@ -22,7 +23,7 @@ NOTIFICATION_NS = uuid.UUID("0b7f6a52-26c4-4b7c-9a5e-3f1f8a7c1e55")
 
 def notification_id(subscription_id: str, event_id: str) -> str:
     """The same notification for the same event and subscription, however often it is sent."""
-    return str(uuid.uuid5(NOTIFICATION_NS, f"{subscription_id}|{event_id}"))
+    return uuid5_str(NOTIFICATION_NS, f"{subscription_id}|{event_id}")
 
 
 def build_notification(
