@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -338,6 +339,7 @@ def serve(app: FastAPI, settings: HdxSettings) -> None:
     """Run one service in this process until SIGINT/SIGTERM."""
     import uvicorn
 
+    settle_heap_after_start(app, settings)
     uvicorn.run(
         app,
         host=settings.http_host,
@@ -346,3 +348,28 @@ def serve(app: FastAPI, settings: HdxSettings) -> None:
         access_log=False,
         lifespan="on",
     )
+
+
+def settle_heap_after_start(app: FastAPI, settings: HdxSettings) -> None:
+    """A service process's garbage collector, set for a long-lived service with a large
+    heap (settings.gc_young_threshold says why): the young generation's threshold raised,
+    and — once the app has started, its modules imported and its state loaded — what is
+    alive moved to the permanent generation, which full passes do not scan. Freed objects
+    are still freed by reference counting; only cycles among frozen ones would stay.
+
+    Only for a process of its own (`serve`): tests run many apps in one interpreter."""
+    if settings.gc_young_threshold <= 0:
+        return
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(settings.gc_young_threshold, older, oldest)
+    started = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(inner: FastAPI) -> AsyncIterator[Any]:
+        async with started(inner) as state:
+            gc.collect()
+            gc.freeze()
+            log.info("heap settled: %d objects frozen", gc.get_freeze_count())
+            yield state
+
+    app.router.lifespan_context = lifespan

@@ -52,6 +52,12 @@ class HdxSettings(BaseSettings):
     # broker restart were lost in 3 of 15 runs of the broker-restart test, and in none of
     # 13 with 1 ms (docs/performance.md, "Light-load latency").
     producer_linger_ms: int = Field(default=1, ge=0)
+    # Python's collector runs a young-generation pass every 700 new container objects, and
+    # a full pass — 170-190 ms here, the heap being fhir.resources' thousands of model
+    # classes — every few seconds under load: 10-13 % of each service's CPU, and pauses
+    # in the middle of a batch. A service process sets this threshold and, once started,
+    # moves everything it loaded out of the collector's way (gc.freeze). 0: Python's own.
+    gc_young_threshold: int = Field(default=10_000, ge=0)
     consumer_batch_timeout_ms: int = Field(default=20, ge=0)
     # How long a fetch waits for data. Kafka answers as soon as data arrives; the embedded
     # Tansu broker does not, so there a short wait is what keeps latency low.

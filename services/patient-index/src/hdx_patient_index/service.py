@@ -45,7 +45,6 @@ from hdx_patient_index.domain.matching import (
     ReviewReason,
     trusted_conflict,
 )
-from hdx_patient_index.gc_tuning import raise_young_threshold
 from hdx_patient_index.models import (
     EventLogRow,
     LinkRow,
@@ -358,7 +357,6 @@ class PatientIndexService:
             self.index = fresh
             self._watermark_ms = started
             self.loaded, self.error = True, None
-            raise_young_threshold()  # the stage's many short-lived objects: gc_tuning.py
             log.info("patient index loaded: %d source records, %d persons", n, fresh.person_count)
             return True
 
