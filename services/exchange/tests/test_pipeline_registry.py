@@ -10,8 +10,9 @@ import pytest
 
 from hdx_exchange import pipeline as pipeline_module
 from hdx_exchange.domain.ingress import Publisher
+from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import ExchangePipeline, Registry
-from hdx_exchange.store import ExchangeStore
+from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.db import make_engine
 from hdx_shared.envelope import ChangeType, Envelope
 from hdx_shared.fhir import Limits
@@ -79,3 +80,82 @@ async def test_an_unknown_sender_still_is_dead_lettered_and_rereads_at_most_once
     this.registry.refreshed_at -= pipeline_module.CATCH_UP_SECONDS
     await this.ingress([on_topic(TOPICS.inbound, "urn:hdx:org:nobody", "e9")])
     assert reads == 1
+
+
+OBSERVATION = orjson.dumps({"resourceType": "Observation", "id": "o1", "status": "final"})
+
+
+def subscribe(store: ExchangeStore, sid: str) -> None:
+    """A Subscription created through another exchange process's API (its store call)."""
+    store.save_subscription(
+        SubscriptionRow(
+            id=sid,
+            subscriber="home",
+            recipient="Organization/home",
+            purpose="TREAT",
+            criteria="Observation",
+            channel="kafka",
+            resource=b"{}",
+        )
+    )
+
+
+def identified(event_id: str) -> Inbound:
+    envelope = Envelope(event_id, "urn:hdx:org:a", resource_type="Observation", person="P1")
+    return Inbound(TOPICS.identified, 0, 0, b"P1", OBSERVATION, envelope)
+
+
+def test_every_change_to_the_registry_raises_its_version(store: ExchangeStore) -> None:
+    seen = [store.registry_version()]
+    subscribe(store, "s1")
+    seen.append(store.registry_version())
+    store.set_subscription_status("s1", "error", "HTTP 500")
+    seen.append(store.registry_version())
+    store.put_publisher(Publisher("urn:hdx:org:a", "A", "urn:hdx:org:a/id", topic_name="a"))
+    seen.append(store.registry_version())
+    store.number_events([Numbering("s1", "e1", "Observation")])  # not a registry change
+    seen.append(store.registry_version())
+    assert seen == [0, 1, 2, 3, 3]
+
+
+async def test_a_subscription_made_through_another_process_is_routed_from_the_next_batch(
+    store: ExchangeStore,
+) -> None:
+    this = replica(store)  # its registry was read before the subscription existed
+    assert await this.route([identified("e1")]) == []
+    subscribe(store, "s-new")  # another process's API, moments ago: no refresh here since
+
+    out = await this.route([identified("e2")])
+    assert [o.topic for o in out] == [TOPICS.routed]
+    assert '"s-new"' in out[0].headers["hdx_candidates"]
+    reads = this.registry.refreshed_at
+    await this.route([identified("e3")])
+    assert this.registry.refreshed_at == reads, "unchanged: the version row only, no re-read"
+
+
+async def test_delivery_knows_a_subscription_another_process_routed_to(
+    store: ExchangeStore,
+) -> None:
+    this = replica(store)
+    subscribe(store, "s-new")
+    candidate = {"subscription": "s-new", "subscriber": "home"}
+    envelope = Envelope("e1", "urn:hdx:org:a", resource_type="Observation", person="P1")
+    decided = envelope.with_extra(hdx_permitted=orjson.dumps([candidate]).decode())
+    out = await this.deliver([Inbound(TOPICS.decided, 0, 0, b"P1", OBSERVATION, decided)])
+    assert [o.topic for o in out] == [TOPICS.feed("home")]
+
+
+async def test_the_router_keeps_its_copy_when_the_version_cannot_be_read(
+    store: ExchangeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    subscribe(store, "s1")
+    this = replica(store)
+
+    def unreachable() -> int:
+        raise OSError("database away")
+
+    store.registry_version = unreachable  # type: ignore[method-assign]
+    for i in range(3):
+        out = await this.route([identified(f"e{i}")])
+        assert [o.topic for o in out] == [TOPICS.routed]
+    assert caplog.text.count("registry version not read") == 1  # once, not per batch

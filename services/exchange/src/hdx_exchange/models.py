@@ -27,6 +27,17 @@ class PublisherRow(SQLModel, table=True):
     topic_name: str | None = Field(default=None, unique=True)
 
 
+class RegistryVersionRow(SQLModel, table=True):
+    """One row whose number every change to a publisher or a subscription raises, in the
+    change's own transaction: a process tells with one read whether its in-memory registry
+    is current (the router reads it before every batch)."""
+
+    __tablename__ = "registry_version"
+
+    id: int = Field(default=1, primary_key=True)
+    version: int = Field(default=0, sa_type=BigInteger)
+
+
 class SubscriptionRow(SQLModel, table=True):
     __tablename__ = "subscription"
 
@@ -142,6 +153,7 @@ class AssertionJtiRow(SQLModel, table=True):
 # Every table of the exchange (what its migrations must build).
 TABLES: tuple[Any, ...] = (
     PublisherRow,
+    RegistryVersionRow,
     SubscriptionRow,
     DeliveryRow,
     ResourceOwnerRow,

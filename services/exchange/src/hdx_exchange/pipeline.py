@@ -61,14 +61,20 @@ class Registry:
     loaded: bool = False
     error: str | None = None
     refreshed_at: float = -math.inf  # time.monotonic() of the last good refresh
+    version: int | None = None  # the database's registry version this copy was read at
+    version_unread: bool = False  # the last sync could not read it
 
     def refresh(self) -> None:
         try:
+            # The version first: a change made while the rows are read raises it again, and
+            # the next sync reads once more.
+            version = self.store.registry_version()
             self.publishers = self.store.publishers()
             self.by_topic_name = {p.topic_name: p for p in self.publishers.values()}
             self.subscriptions = {s.id: s for s in self.store.subscriptions()}
             self.loaded, self.error = True, None
             self.refreshed_at = time.monotonic()
+            self.version = version
         except Exception as exc:  # keep the last good copy; readiness says why
             self.error = f"registry not refreshed: {type(exc).__name__}"
             log.warning("registry refresh failed: %s", exc)
@@ -78,6 +84,23 @@ class Registry:
         it does not know may be a publisher registered on another replica moments ago,
         whose records must not be dead-lettered for this replica's lag."""
         if time.monotonic() - self.refreshed_at >= CATCH_UP_SECONDS:
+            await asyncio.to_thread(self.refresh)
+
+    async def sync(self) -> None:
+        """Re-read the registry if any process changed it since this copy was read (one
+        read of the version row): a subscription created through another exchange process
+        is routed from the next batch on, not from that process's next refresh. If the
+        database cannot say, the copy in hand stays; the periodic refresh and readiness
+        deal with a database that is away."""
+        try:
+            version = await asyncio.to_thread(self.store.registry_version)
+        except Exception as exc:
+            if not self.version_unread:  # once per outage, not once per batch
+                log.warning("registry version not read: %s: %s", type(exc).__name__, exc)
+            self.version_unread = True
+            return
+        self.version_unread = False
+        if version != self.version:
             await asyncio.to_thread(self.refresh)
 
     def require_loaded(self) -> None:
@@ -172,6 +195,7 @@ class ExchangePipeline:
 
     async def route(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
+        await self.registry.sync()
         subscriptions = list(self.registry.subscriptions.values())
         out: list[Outgoing] = []
         for m in batch:
@@ -189,12 +213,19 @@ class ExchangePipeline:
 
     async def deliver(self, batch: Sequence[Inbound]) -> list[Outgoing]:
         self.registry.require_loaded()
+        permitted = [(m, _permitted(m)) for m in batch]
+        if any(
+            cand.get("subscription") not in self.registry.subscriptions
+            for _, cands in permitted
+            for cand in cands
+        ):
+            await self.registry.sync()  # routed by another process that read it already
         wanted: list[Numbering] = []
         work: list[tuple[Inbound, Subscription, str | None]] = []
-        for m in batch:
+        for m, cands in permitted:
             env = m.envelope
             resource_id: str | None = None
-            for cand in _permitted(m):
+            for cand in cands:
                 sub = self.registry.subscriptions.get(cand.get("subscription", ""))
                 if sub is None:
                     # Created on another replica moments ago: wait for the registry.

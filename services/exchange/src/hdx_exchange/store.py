@@ -30,6 +30,7 @@ from hdx_exchange.models import (
     ClientRow,
     DeliveryRow,
     PublisherRow,
+    RegistryVersionRow,
     ResourceOwnerRow,
     SubscriptionRow,
 )
@@ -54,6 +55,14 @@ _AUDIT = _table(AuditLogRow)
 _HEAD = _table(AuditHeadRow)
 _DELIVERY = _table(DeliveryRow)
 _SUBSCRIPTION = _table(SubscriptionRow)
+_REGISTRY_VERSION = _table(RegistryVersionRow)
+_READ_REGISTRY_VERSION = select(_REGISTRY_VERSION.c.version).where(_REGISTRY_VERSION.c.id == 1)
+# Raised in the transaction of every change to a publisher or a subscription.
+_RAISE_REGISTRY_VERSION = (
+    update(_REGISTRY_VERSION)
+    .where(_REGISTRY_VERSION.c.id == 1)
+    .values(version=_REGISTRY_VERSION.c.version + 1)
+)
 _OWNER = _table(ResourceOwnerRow)
 _HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
 _AUDIT_KNOWN = select(_AUDIT.c.audit_id).where(
@@ -163,6 +172,7 @@ class ExchangeStore:
                     topic_name=p.topic_name,
                 )
             )
+            s.execute(_RAISE_REGISTRY_VERSION)
             try:
                 s.commit()
             except IntegrityError as exc:  # registered concurrently under the same name
@@ -231,9 +241,16 @@ class ExchangeStore:
             return s.get(SubscriptionRow, sid)
 
     def save_subscription(self, row: SubscriptionRow) -> None:
-        with Session(self.engine) as s:
+        with Session(self._writer) as s:
             s.merge(row)
+            s.execute(_RAISE_REGISTRY_VERSION)
             s.commit()
+
+    def registry_version(self) -> int:
+        """The number that every change to publishers or subscriptions raises."""
+        with self.engine.connect() as conn:
+            found = conn.execute(_READ_REGISTRY_VERSION).scalar()
+        return int(found or 0)
 
     # Audit log ------------------------------------------------------------------------
     def append_audit(self, events: Sequence[tuple[str, str | None, bytes]]) -> Anchor:
@@ -512,4 +529,5 @@ class ExchangeStore:
                 .where(col(SubscriptionRow.id) == sid)
                 .values(status=status, error=error)
             )
+            s.execute(_RAISE_REGISTRY_VERSION)  # an errored subscription is routed no more
             s.commit()
