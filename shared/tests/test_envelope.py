@@ -22,17 +22,7 @@ FULL = Envelope(
 
 
 def test_round_trip_through_kafka_headers() -> None:
-    env = Envelope(
-        event_id="e1",
-        source="urn:hdx:org:a",
-        change=ChangeType.CREATE,
-        resource_type="Observation",
-        patient_ref="p1",
-        person="P-9",
-        person_identifiers=("https://fhir.nhs.uk/Id/nhs-number|9434765919",),
-        received_at_ms=1234,
-        extra={"traceparent": "00-abc-def-01"},
-    )
+    env = FULL
     headers = env.to_headers()
     assert headers["ce_specversion"] == "1.0"
     assert headers["content-type"] == "application/fhir+json"
