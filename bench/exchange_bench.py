@@ -696,6 +696,35 @@ def scrape_stages(stack: LocalStack) -> dict[str, dict[str, float]]:
     return out
 
 
+# How long a phase waits at most for the stages to work off what the phase before left.
+SETTLE_CAP_SECONDS = 180.0
+
+
+def wait_for_stages_to_catch_up(stack: LocalStack, cap_s: float = SETTLE_CAP_SECONDS) -> float:
+    """Wait until no stage of any service has records left to read (`hdx_consumer_lag` 0 on
+    every partition, twice in a row), so a phase does not measure the queue the one before
+    left — the audit log, off the feeds' path, may still be working off a backlog after the
+    last delivery arrived. The seconds waited (`cap_s` if the stages never caught up)."""
+    started = time.monotonic()
+    calm = 0
+    while time.monotonic() - started < cap_s:
+        lag = 0.0
+        for svc in service_processes(stack):
+            try:
+                text = httpx.get(f"{stack.url(svc)}/metrics/", timeout=5).text
+            except httpx.HTTPError:
+                lag += 1  # not answering: not known to be idle
+                continue
+            for line in text.splitlines():
+                if line.startswith("hdx_consumer_lag{"):
+                    lag += float(line.rpartition(" ")[2])
+        calm = calm + 1 if lag == 0 else 0
+        if calm >= 2:
+            return time.monotonic() - started
+        time.sleep(0.5)  # a polling interval
+    return cap_s
+
+
 def _label(labels: str, name: str) -> str | None:
     for part in labels.rstrip("}").split(","):
         k, _, v = part.partition("=")
@@ -1145,8 +1174,17 @@ def run_hdx(
         out["profiles"] = {}
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
+        out["settle_seconds"] = {}
+
         def on_phase(phase: str) -> Callable[[PhaseResult], None]:
-            """Scrape /metrics around each phase; py-spy the throughput phase if asked."""
+            """Let the stages catch up, then scrape /metrics around the phase; py-spy it if
+            asked."""
+            waited = wait_for_stages_to_catch_up(stack)
+            out["settle_seconds"][phase] = round(waited, 1)
+            if waited >= SETTLE_CAP_SECONDS:
+                log(f"  the stages still had records to read after {waited:.0f} s; going on")
+            elif waited > 1:
+                log(f"  waited {waited:.1f} s for every stage to catch up")
             before = scrape_stages(stack)
             profilers: list[tuple[str, Profiler]] = []
             if phase == args.profile_phase:
