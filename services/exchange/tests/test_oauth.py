@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,10 @@ from hdx_shared.auth import (
     generate_key,
     private_pem,
 )
-from hdx_shared.db import make_engine
-from hdx_shared.settings import HdxSettings
 
 TOKEN_URL = "https://hdx.test/auth/token"
 ISSUER, AUDIENCE = "https://hdx.test", "urn:hdx:api"
 SCOPE = "system/Patient.cud system/Observation.cud"
-
-
-@pytest.fixture
-def store(database_url: str, tmp_path: Path) -> Iterator[ExchangeStore]:
-    s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, database_url=database_url)))
-    s.create_schema()
-    yield s
-    s.engine.dispose()
 
 
 class World:

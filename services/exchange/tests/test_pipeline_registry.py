@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import orjson
 import pytest
 
 from hdx_exchange import pipeline as pipeline_module
 from hdx_exchange.domain.ingress import Publisher
-from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.pipeline import ExchangePipeline, Registry
 from hdx_exchange.store import ExchangeStore, Numbering
-from hdx_shared.db import make_engine
 from hdx_shared.envelope import ChangeType, Envelope
 from hdx_shared.fhir import Limits
 from hdx_shared.messaging import Inbound
-from hdx_shared.settings import HdxSettings
 from hdx_shared.topics import Topics
 
 TOPICS = Topics("hdx.")
 PATIENT = orjson.dumps({"resourceType": "Patient", "id": "p1", "gender": "female"})
-
-
-@pytest.fixture
-def store(database_url: str, tmp_path: Path) -> Iterator[ExchangeStore]:
-    s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, database_url=database_url)))
-    s.create_schema()
-    yield s
-    s.engine.dispose()
 
 
 def replica(store: ExchangeStore) -> ExchangePipeline:
@@ -85,27 +73,14 @@ async def test_an_unknown_sender_still_is_dead_lettered_and_rereads_at_most_once
 OBSERVATION = orjson.dumps({"resourceType": "Observation", "id": "o1", "status": "final"})
 
 
-def subscribe(store: ExchangeStore, sid: str) -> None:
-    """A Subscription created through another exchange process's API (its store call)."""
-    store.save_subscription(
-        SubscriptionRow(
-            id=sid,
-            subscriber="home",
-            recipient="Organization/home",
-            purpose="TREAT",
-            criteria="Observation",
-            channel="kafka",
-            resource=b"{}",
-        )
-    )
-
-
 def identified(event_id: str) -> Inbound:
     envelope = Envelope(event_id, "urn:hdx:org:a", resource_type="Observation", person="P1")
     return Inbound(TOPICS.identified, 0, 0, b"P1", OBSERVATION, envelope)
 
 
-def test_every_change_to_the_registry_raises_its_version(store: ExchangeStore) -> None:
+def test_every_change_to_the_registry_raises_its_version(
+    store: ExchangeStore, subscribe: Callable[[ExchangeStore, str], None]
+) -> None:
     seen = [store.registry_version()]
     subscribe(store, "s1")
     seen.append(store.registry_version())
@@ -120,6 +95,7 @@ def test_every_change_to_the_registry_raises_its_version(store: ExchangeStore) -
 
 async def test_a_subscription_made_through_another_process_is_routed_from_the_next_batch(
     store: ExchangeStore,
+    subscribe: Callable[[ExchangeStore, str], None],
 ) -> None:
     this = replica(store)  # its registry was read before the subscription existed
     assert await this.route([identified("e1")]) == []
@@ -135,6 +111,7 @@ async def test_a_subscription_made_through_another_process_is_routed_from_the_ne
 
 async def test_delivery_knows_a_subscription_another_process_routed_to(
     store: ExchangeStore,
+    subscribe: Callable[[ExchangeStore, str], None],
 ) -> None:
     this = replica(store)
     subscribe(store, "s-new")
@@ -146,7 +123,9 @@ async def test_delivery_knows_a_subscription_another_process_routed_to(
 
 
 async def test_the_router_keeps_its_copy_when_the_version_cannot_be_read(
-    store: ExchangeStore, caplog: pytest.LogCaptureFixture
+    store: ExchangeStore,
+    subscribe: Callable[[ExchangeStore, str], None],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     subscribe(store, "s1")
     this = replica(store)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from hdx_exchange.domain.audit_chain import verify_chain
-from hdx_exchange.models import TABLES, SubscriptionRow
+from hdx_exchange.models import TABLES
 from hdx_exchange.store import ExchangeStore, Numbering
 from hdx_shared.db import make_engine, schema_drift
 from hdx_shared.settings import HdxSettings
@@ -30,24 +30,18 @@ def _store(url: str, tmp: Path) -> ExchangeStore:
 
 
 def _run(
-    work: Callable[[ExchangeStore, int], Any], url: str, tmp: Path, *, migrate: bool = True
+    work: Callable[[ExchangeStore, int], Any],
+    url: str,
+    tmp: Path,
+    subscribe: Callable[[ExchangeStore, str], None] | None = None,
 ) -> list[Any]:
-    """Run `work(store, worker)` in PROCESSES processes started together; their results."""
-    if migrate:
+    """Run `work(store, worker)` in PROCESSES processes started together; their results.
+    With `subscribe`, the schema is migrated and three subscriptions made first."""
+    if subscribe is not None:
         store = _store(url, tmp)
         store.create_schema()
         for sid in ("s1", "s2", "s3"):
-            store.save_subscription(
-                SubscriptionRow(
-                    id=sid,
-                    subscriber="home",
-                    recipient="Organization/home",
-                    purpose="TREAT",
-                    criteria="Observation",
-                    channel="message",
-                    resource=b"{}",
-                )
-            )
+            subscribe(store, sid)
         store.engine.dispose()
     barrier = CTX.Barrier(PROCESSES)
     results = CTX.Queue()
@@ -86,7 +80,9 @@ def _append(store: ExchangeStore, worker: int) -> int:
 
 
 @pytest.mark.parametrize("head", ["absent", "present"])
-def test_two_processes_extend_one_audit_chain(database_url: str, tmp_path: Path, head: str) -> None:
+def test_two_processes_extend_one_audit_chain(
+    database_url: str, tmp_path: Path, head: str, subscribe: Callable[[ExchangeStore, str], None]
+) -> None:
     # Absent: the first appends also race to create the chain's head row.
     seeded = 0
     if head == "present":
@@ -95,7 +91,7 @@ def test_two_processes_extend_one_audit_chain(database_url: str, tmp_path: Path,
         store.append_audit([("seed", None, b'{"id":"seed"}')])
         store.engine.dispose()
         seeded = 1
-    _run(_append, database_url, tmp_path)
+    _run(_append, database_url, tmp_path, subscribe)
     store = _store(database_url, tmp_path)
     try:
         records = list(store.audit_chain())
@@ -124,9 +120,9 @@ def _number(store: ExchangeStore, worker: int) -> dict[str, int]:
 
 
 def test_two_processes_never_hand_out_an_event_number_twice(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, subscribe: Callable[[ExchangeStore, str], None]
 ) -> None:
-    first, second = _run(_number, database_url, tmp_path)
+    first, second = _run(_number, database_url, tmp_path, subscribe)
     # An event numbered by both has one number, whichever process asked.
     for key in first.keys() & second.keys():
         assert first[key] == second[key], key
@@ -150,7 +146,7 @@ def _migrate(store: ExchangeStore, worker: int) -> int:
 def test_replicas_starting_together_migrate_once(
     database_url: str, tmp_path: Path, attempt: int
 ) -> None:
-    _run(_migrate, database_url, tmp_path, migrate=False)
+    _run(_migrate, database_url, tmp_path)  # no schema first: the replicas migrate
     store = _store(database_url, tmp_path)
     try:
         tables = [t.__table__ for t in TABLES]

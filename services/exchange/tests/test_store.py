@@ -1,35 +1,18 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from hdx_exchange.domain.ingress import Publisher
-from hdx_exchange.models import SubscriptionRow
 from hdx_exchange.store import ExchangeStore, Numbering, TopicTaken
-from hdx_shared.db import make_engine
-from hdx_shared.settings import HdxSettings
 
 
 @pytest.fixture
-def st(database_url: str, tmp_path: Path) -> Iterator[ExchangeStore]:
-    s = ExchangeStore(make_engine(HdxSettings(data_dir=tmp_path, database_url=database_url)))
-    s.create_schema()
+def st(store: ExchangeStore, subscribe: Callable[[ExchangeStore, str], None]) -> ExchangeStore:
     for sid in ("s1", "s2"):
-        s.save_subscription(
-            SubscriptionRow(
-                id=sid,
-                subscriber="home",
-                recipient="Organization/home",
-                purpose="TREAT",
-                criteria="Observation",
-                channel="kafka",
-                resource=b"{}",
-            )
-        )
-    yield s
-    s.engine.dispose()
+        subscribe(store, sid)
+    return store
 
 
 def test_event_numbers_are_gapless_per_subscription_and_stable_on_redelivery(
