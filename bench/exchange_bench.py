@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,7 @@ from generator import DEFAULT_SEED, Event, Region, Traffic, seed_region, traffic
 from hdx_exchange.settings import parse_stages
 from hdx_shared.devstack import LocalStack
 from hdx_shared.envelope import derive_event_id
+from hdx_shared.topics import Topics
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -603,6 +605,8 @@ def run_throughput(
     result = PhaseResult(name, len(work.messages), len(expected), got, first, last_pub, last, cost)
     result.steady_rate = _steady_rate(arrivals, len(work.messages), len(expected))
     result.timeline = _timeline(arrivals, first)
+    # A backlog is published at once: every message's publish time is the phase's start.
+    result.published_ns = [first] * len(work.messages)
     return result
 
 
@@ -700,15 +704,29 @@ def scrape_stages(stack: LocalStack) -> dict[str, dict[str, float]]:
 SETTLE_CAP_SECONDS = 180.0
 
 
-def wait_for_stages_to_catch_up(stack: LocalStack, cap_s: float = SETTLE_CAP_SECONDS) -> float:
+def inbound_partitions(bootstrap: str, prefix: str) -> int:
+    """How many partitions the ingress reads: every topic its pattern matches (the shared
+    inbound topic and each registered publisher's own)."""
+    pattern = re.compile(Topics(prefix).inbound_pattern)
+    listed = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    return sum(len(md.partitions) for name, md in listed.items() if pattern.fullmatch(name))
+
+
+def wait_for_stages_to_catch_up(
+    stack: LocalStack, ingress_partitions: int = 0, cap_s: float = SETTLE_CAP_SECONDS
+) -> float:
     """Wait until no stage of any service has records left to read (`hdx_consumer_lag` 0 on
     every partition, twice in a row), so a phase does not measure the queue the one before
     left — the audit log, off the feeds' path, may still be working off a backlog after the
-    last delivery arrived. The seconds waited (`cap_s` if the stages never caught up)."""
+    last delivery arrived. And until the ingress is assigned `ingress_partitions`: it finds
+    the publishers' own topics, created as they were registered, at its next metadata
+    refresh, and the rebalance that follows would hold it in the middle of a phase. The
+    seconds waited (`cap_s` if the stages never caught up)."""
     started = time.monotonic()
     calm = 0
     while time.monotonic() - started < cap_s:
         lag = 0.0
+        assigned = 0.0
         for svc in service_processes(stack):
             try:
                 text = httpx.get(f"{stack.url(svc)}/metrics/", timeout=5).text
@@ -718,6 +736,10 @@ def wait_for_stages_to_catch_up(stack: LocalStack, cap_s: float = SETTLE_CAP_SEC
             for line in text.splitlines():
                 if line.startswith("hdx_consumer_lag{"):
                     lag += float(line.rpartition(" ")[2])
+                elif line.startswith('hdx_stage_partitions{stage="ingress"}'):
+                    assigned += float(line.rpartition(" ")[2])
+        if assigned < ingress_partitions:
+            lag += 1  # a rebalance is still to come
         calm = calm + 1 if lag == 0 else 0
         if calm >= 2:
             return time.monotonic() - started
@@ -1166,6 +1188,7 @@ def run_hdx(
             f"  {out['seed']['publishers']} publishers, {out['seed']['subscriptions']} "
             f"subscriptions, {out['seed']['consents']:,} consents in {out['seed']['seconds']} s"
         )
+        ingress_partitions = inbound_partitions(bootstrap, prefix)
         reader = TopicReader(bootstrap, sorted(set(feeds.values())))
         reader.start()
         stack_ctx.callback(reader.close)
@@ -1179,7 +1202,7 @@ def run_hdx(
         def on_phase(phase: str) -> Callable[[PhaseResult], None]:
             """Let the stages catch up, then scrape /metrics around the phase; py-spy it if
             asked."""
-            waited = wait_for_stages_to_catch_up(stack)
+            waited = wait_for_stages_to_catch_up(stack, ingress_partitions)
             out["settle_seconds"][phase] = round(waited, 1)
             if waited >= SETTLE_CAP_SECONDS:
                 log(f"  the stages still had records to read after {waited:.0f} s; going on")
@@ -1216,7 +1239,11 @@ def run_hdx(
             args,
             on_phase=on_phase,
         )
-        for key, phase in (("latency", out["hdx"].latency), ("light", out["hdx"].light)):
+        for key, phase in (
+            ("throughput", out["hdx"].throughput),
+            ("latency", out["hdx"].latency),
+            ("light", out["hdx"].light),
+        ):
             if phase is not None and phase.published_ns:
                 phase.hops_ms = hop_trace(bootstrap, prefix, workloads[key], phase, deliveries)
         all_expected = {i for w in workloads.values() for i in w.expected}
@@ -1466,7 +1493,7 @@ def report(
             log(f"  {label} phase: time since ingress when each stage finished (/metrics, ms)")
             for stage, q in hops:
                 log(f"    {stage:<30} p50 {q['p50']:>9,.1f}   p95 {q['p95']:>9,.1f}")
-    for label, phase in (("latency", lat), ("light", light)):
+    for label, phase in (("throughput", t), ("latency", lat), ("light", light)):
         if phase is None or not phase.hops_ms:
             continue
         log("")

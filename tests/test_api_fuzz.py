@@ -106,8 +106,7 @@ def test_exchange(tmp_path: Path, kafka: BrokerEndpoint) -> None:
     settings = ExchangeSettings(
         environment="test",
         data_dir=tmp_path,
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         topic_prefix="fuzz.",
     )
     store = ExchangeStore(make_engine(settings))

@@ -43,8 +43,7 @@ async def _read_all(bootstrap: str, topic: str, count: int) -> list[tuple[int, b
 
 def _settings(kafka: BrokerEndpoint, **overrides: int) -> HdxSettings:
     return HdxSettings(
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         service_name="publish-test",
         **overrides,  # type: ignore[arg-type]
     )

@@ -32,8 +32,7 @@ async def _run_stage(kafka: BrokerEndpoint, handler, values: list[bytes], partit
     topics = Topics(prefix=f"t{tag}.")
     src, dst = f"t{tag}.in", f"t{tag}.out"
     settings = HdxSettings(
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         max_delivery_attempts=3,
         service_name="stage-test",
     )

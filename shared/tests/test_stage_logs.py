@@ -84,8 +84,7 @@ async def test_lines_about_a_message_carry_its_trace_ids(
     topics = Topics(prefix=f"l{tag}.")
     src, dst = f"l{tag}.in", f"l{tag}.out"
     settings = HdxSettings(
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         max_delivery_attempts=2,
         service_name="log-test",
     )

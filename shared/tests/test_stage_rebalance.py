@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 from topic_reading import committed_offset, read_values
 
 from hdx_shared import messaging
@@ -83,8 +84,7 @@ async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_t
     topics = Topics(prefix=f"p{tag}.")
     first, later, dst = f"p{tag}.in.a", f"p{tag}.in.b", f"p{tag}.out"
     settings = HdxSettings(
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         kafka_metadata_max_age_ms=300,  # the pattern finds the new topic quickly
         service_name="pattern-test",
     )
@@ -135,5 +135,49 @@ async def test_a_new_topic_for_a_pattern_stage_does_not_send_the_batch_in_hand_t
         got = await read_values(kafka.bootstrap_servers, dst, len(values) + 1, wait_s=1)
         assert sorted(got) == sorted(values), f"batches handled: {batches}"
         assert health.failing is None
+    finally:
+        await broker.stop()
+
+
+@pytest.mark.broker
+async def test_a_stage_joins_with_the_session_timeout_it_is_given(kafka: BrokerEndpoint) -> None:
+    """The embedded Tansu answers a JoinGroup only after half the session timeout, so the
+    dev stack gives a short one (`EMBEDDED_CLIENT_SETTINGS`); heartbeats go at 3/10 of it, and a
+    rebalance still waits for the batch in hand (`REVOKE_WAIT_SECONDS`). The stage's
+    assignment is on /metrics (`hdx_stage_partitions`)."""
+    tag = uuid.uuid4().hex[:8]
+    src = f"s{tag}.in"
+    given = {**kafka.client_settings, "consumer_session_timeout_ms": 2_000}
+    settings = HdxSettings(**given, service_name="session-test")
+    await ensure_topics(settings, [TopicSpec(src, 3)])
+
+    async def handler(batch: Sequence[Inbound]) -> list[Outgoing]:
+        return []
+
+    broker = make_broker(settings)
+    health = add_stage(
+        broker,
+        name=f"sessions-{tag}",
+        topic=src,
+        group_id=f"g{tag}",
+        handler=handler,
+        settings=settings,
+        topics=Topics(prefix=f"s{tag}."),
+    )
+    await start_broker(broker)
+    try:
+        consumer = health.subscriber.consumer  # type: ignore[union-attr]
+        assert consumer._session_timeout_ms == 2_000
+        assert consumer._heartbeat_interval_ms == 600
+        assert consumer._rebalance_timeout_ms == messaging.REVOKE_WAIT_SECONDS * 2_000
+        partitions = None
+        for _ in range(200):
+            partitions = REGISTRY.get_sample_value(
+                "hdx_stage_partitions", {"stage": f"sessions-{tag}"}
+            )
+            if partitions:
+                break
+            await asyncio.sleep(0.05)
+        assert partitions == 3
     finally:
         await broker.stop()

@@ -32,8 +32,7 @@ FHIR = {"content-type": "application/fhir+json"}
 
 def settings(kafka: BrokerEndpoint, prefix: str, data: Path) -> ConsentSettings:
     return ConsentSettings(
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         topic_prefix=prefix,
         data_dir=data,
         database_url=None,

@@ -50,8 +50,7 @@ async def test_the_service_on_a_real_broker(kafka: BrokerEndpoint, tmp_path: Pat
     topics = Topics(prefix=f"pix{tag}.")
     settings = PatientIndexSettings(
         environment="test",
-        kafka_bootstrap_servers=kafka.bootstrap_servers,
-        kafka_idempotence=kafka.idempotence,
+        **kafka.client_settings,
         topic_prefix=topics.prefix,
         data_dir=tmp_path,
         park_timeout_seconds=1.0,

@@ -35,7 +35,7 @@ from hdx_shared.auth import (
     load_private_key,
     private_pem,
 )
-from hdx_shared.embedded_broker import EmbeddedBroker, free_port
+from hdx_shared.embedded_broker import EMBEDDED_CLIENT_SETTINGS, EmbeddedBroker, free_port
 
 ADMIN_CLIENT = "hdx-admin"
 ADMIN_CLIENT_SCOPE = f"system/*.cruds {ADMIN_SCOPE} {IDENTITY_SCOPE}"
@@ -322,8 +322,14 @@ class LocalStack:
                         if self.broker
                         else os.environ.get("HDX_KAFKA_IDEMPOTENCE", "true"),
                         "HDX_HTTP_PORT": str(port),
-                        # Tansu does not answer a waiting fetch when data arrives: poll briskly.
-                        **({"HDX_CONSUMER_FETCH_MAX_WAIT_MS": "10"} if self.broker else {}),
+                        **(
+                            {
+                                f"HDX_{k.upper()}": str(v)
+                                for k, v in EMBEDDED_CLIENT_SETTINGS.items()
+                            }
+                            if self.broker
+                            else {}
+                        ),
                         "HDX_DATA_DIR": str(self.data_dir),
                         # One public address per service, the first replica's: what
                         # notification Bundles and Location headers name.

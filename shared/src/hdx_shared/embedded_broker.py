@@ -11,9 +11,19 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+# The client settings (HdxSettings fields) the embedded Tansu needs. It answers a waiting
+# fetch only when the fetch's wait is over, so consumers poll briskly; and a JoinGroup only
+# after half the session timeout, so a short one (aiokafka's 10 s held every start and
+# every rebalance 5 s; docs/performance.md, "A rebalance in every run").
+EMBEDDED_CLIENT_SETTINGS: Mapping[str, int] = {
+    "consumer_fetch_max_wait_ms": 10,
+    "consumer_session_timeout_ms": 2_000,
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,16 @@ class BrokerEndpoint:
     def idempotence(self) -> bool:
         # Tansu cannot do InitProducerId; Apache Kafka can and should.
         return self.kind != "embedded"
+
+    @property
+    def client_settings(self) -> dict[str, Any]:
+        """The HdxSettings fields that point a service at this broker and suit it."""
+        own = EMBEDDED_CLIENT_SETTINGS if self.kind == "embedded" else {}
+        return {
+            "kafka_bootstrap_servers": self.bootstrap_servers,
+            "kafka_idempotence": self.idempotence,
+            **own,
+        }
 
 
 class BrokerStartError(RuntimeError):

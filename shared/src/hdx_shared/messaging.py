@@ -76,6 +76,11 @@ CONSUMER_LAG = Gauge(
     "hdx_consumer_lag", "Records behind the partition's end", ["stage", "partition"]
 )
 STAGE_WAITING = Gauge("hdx_stage_waiting", "1 while a stage waits on unavailable state", ["stage"])
+STAGE_PARTITIONS = Gauge(
+    "hdx_stage_partitions",
+    "Partitions this process's consumer of a stage is assigned (0 while it rebalances)",
+    ["stage"],
+)
 
 
 def _message_attributes(topic: str, envelope: Envelope) -> dict[str, Any]:
@@ -952,6 +957,12 @@ def add_stage(
         max_records=settings.consumer_batch_size,
         batch_timeout_ms=settings.consumer_batch_timeout_ms,
         fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=settings.consumer_session_timeout_ms * 3 // 10,
+        # The rebalance waits for the batch in hand (REVOKE_WAIT_SECONDS): never less.
+        rebalance_timeout_ms=max(
+            settings.consumer_session_timeout_ms, int(REVOKE_WAIT_SECONDS * 2000)
+        ),
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         parser=_tolerant_parser,
@@ -978,6 +989,7 @@ class FinishBatchBeforeRebalance(ConsumerRebalanceListener):  # type: ignore[mis
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         self.health.revoking = True
+        STAGE_PARTITIONS.labels(self.health.name).set(0)
         if not self.health.idle.is_set():
             try:
                 await asyncio.wait_for(self.health.idle.wait(), REVOKE_WAIT_SECONDS)
@@ -991,6 +1003,7 @@ class FinishBatchBeforeRebalance(ConsumerRebalanceListener):  # type: ignore[mis
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.health.revoking = False
+        STAGE_PARTITIONS.labels(self.health.name).set(len(assigned))
         if (self.health.failing or "").startswith("commit"):
             # A commit refused by the group this member has just left: the new assignment
             # starts from what the group has committed, and nothing may ever come again to

@@ -62,6 +62,12 @@ class HdxSettings(BaseSettings):
     # How long a fetch waits for data. Kafka answers as soon as data arrives; the embedded
     # Tansu broker does not, so there a short wait is what keeps latency low.
     consumer_fetch_max_wait_ms: int = Field(default=100, ge=1)
+    # How long a stage's consumer group waits for a member's heartbeat before it takes the
+    # member's partitions away (aiokafka's default; heartbeats go at 3/10 of it). The
+    # embedded Tansu answers a JoinGroup only after half of it, so there every start and
+    # every rebalance — a replica joining, a new publisher's inbound topic — holds the stage
+    # that long: it gets 2 s (`embedded_broker.EMBEDDED_CLIENT_SETTINGS`).
+    consumer_session_timeout_ms: int = Field(default=10_000, ge=1_000)
     # A message whose handling raises this many times in a row is dead-lettered.
     max_delivery_attempts: int = Field(default=5, ge=1)
     # /readyz turns not-ready when a stage's commits, publishes or fetches keep failing
