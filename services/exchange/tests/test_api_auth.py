@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from limits import parse_many
 
+from hdx_exchange import rest_publish
 from hdx_exchange.api import build_routers
 from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.domain.ingress import Publisher
@@ -23,6 +24,7 @@ from hdx_exchange.pipeline import Registry
 from hdx_exchange.rest_publish import publishing_router
 from hdx_exchange.settings import ExchangeSettings
 from hdx_exchange.store import ExchangeStore
+from hdx_shared import fhir
 from hdx_shared.auth import (
     ADMIN_SCOPE,
     Authenticator,
@@ -377,3 +379,41 @@ def test_deactivating_a_client_or_replacing_its_keys_revokes_its_tokens(ex: Exch
     kept = ex.token("oakwood")
     assert ex.http.put("/admin/clients/oakwood", json=entry, headers=admin).status_code == 200
     assert ex.http.get("/fhir/Subscription", headers=kept).status_code == 200
+
+
+def test_a_bundle_posted_over_rest_is_parsed_once(
+    ex: Exchange, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One JSON parse per message per hop: the transaction is validated, and a batch's
+    entries are split, from the document parsed to read the Bundle's type."""
+    parses: list[int] = []
+    original = fhir.parse_json
+
+    def counting(raw: bytes, limits: Limits) -> dict[str, Any]:
+        parses.append(len(raw))
+        return original(raw, limits)
+
+    monkeypatch.setattr(fhir, "parse_json", counting)
+    monkeypatch.setattr(rest_publish, "parse_json", counting)
+    ex.register("obs", "system/Observation.cu", source=ST_MARYS)
+    token = ex.token("obs") | {"content-type": FHIR_JSON}
+    entries = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "id": f"o{i}",
+                "status": "final",
+                "code": {"text": "x"},
+                "subject": {"reference": f"Patient/sm-{i}"},
+            },
+            "request": {"method": "PUT", "url": f"Observation/o{i}"},
+        }
+        for i in range(3)
+    ]
+    for kind in ("transaction", "batch"):
+        parses.clear()
+        bundle = {"resourceType": "Bundle", "type": kind, "entry": entries}
+        r = ex.http.post("/fhir", content=orjson.dumps(bundle), headers=token)
+        assert r.status_code == 200, r.text
+        assert [e["response"]["status"] for e in r.json()["entry"]] == ["202 Accepted"] * 3
+        assert len(parses) == 1, f"{kind}: parsed {len(parses)} times"

@@ -386,10 +386,12 @@ def decode_resource(
     raw: bytes,
     limits: Limits = Limits(),
     expect: Callable[[dict[str, Any]], None] | None = None,
+    parsed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Parse and validate FHIR JSON bytes; the dict, or FhirError with an OperationOutcome.
-    `expect` sees the parsed document before it is validated (and may refuse it)."""
-    doc = parse_json(raw, limits)
+    `expect` sees the parsed document before it is validated (and may refuse it). `parsed`:
+    what `parse_json(raw, limits)` already returned, so the bytes are not parsed again."""
+    doc = parse_json(raw, limits) if parsed is None else parsed
     if expect is not None:
         expect(doc)
     entries = doc.get("entry") if doc.get("resourceType") == "Bundle" else None

@@ -236,7 +236,9 @@ def publishing_router(
             for entry in doc.get("entry", ()):
                 if denied := _entry_denied(caller, entry):
                     raise forbidden(denied)
-            accepted = accept_message(raw, env, registry.publishers, limits, env.event_id)
+            accepted = accept_message(
+                raw, env, registry.publishers, limits, env.event_id, parsed=doc
+            )
             await forward(accepted)
             entries = [_response_entry("202 Accepted", a) for a in accepted]
             return FhirResponse(_response_bundle("transaction-response", entries))
@@ -252,12 +254,14 @@ def publishing_router(
                 continue
             entry_env = env.evolve(event_id=f"{env.event_id}/{i}")
             try:
+                # The entry's own bytes, from the document parsed (strictly) once above.
                 accepted = accept_message(
                     orjson.dumps(resource),
                     entry_env,
                     registry.publishers,
                     limits,
                     entry_env.event_id,
+                    parsed=resource,
                 )
             except FhirError as exc:
                 entries.append(_error_entry(exc.http_status, *exc.issues))

@@ -205,12 +205,14 @@ def accept_message(
     limits: Limits,
     fallback_id: str,
     expect: Callable[[dict[str, Any]], None] | None = None,
+    parsed: dict[str, Any] | None = None,
 ) -> list[AcceptedResource]:
     """Validate one inbound message and split it into routable resources, or raise FhirError.
 
     A Bundle is accepted or rejected whole (an invalid entry rejects the message), so a
     publisher never has to guess which half of a transaction went through. `expect` sees the
-    parsed document before validation (FHIR REST: the type and id the URL names).
+    parsed document before validation (FHIR REST: the type and id the URL names); `parsed`
+    is the document when the caller has already parsed `raw` strictly (`parse_json`).
     """
     publisher = publishers.get(envelope.source)
     if not envelope.source or publisher is None or not publisher.active:
@@ -225,7 +227,7 @@ def accept_message(
             ],
             http_status=403,
         )
-    doc = decode_resource(raw, limits, expect)
+    doc = decode_resource(raw, limits, expect, parsed)
     origin_id = envelope.event_id or fallback_id
     # HDX's own headers are HDX's to set: whatever a publisher put there is dropped, so no
     # one can claim an identity, a candidate or a consent decision from outside.
