@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from limits import parse_many
 
-from hdx_exchange import rest_publish
+from hdx_exchange import api, rest_publish
 from hdx_exchange.api import build_routers
 from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.domain.ingress import Publisher
@@ -40,7 +40,7 @@ from hdx_shared.db import make_engine
 from hdx_shared.fhir import FHIR_JSON, Limits, validate_resource
 from hdx_shared.http import FhirResponse, SecurityAlerts, install_fhir_errors
 from hdx_shared.messaging import Outgoing
-from hdx_shared.topics import Topics
+from hdx_shared.topics import Topics, TopicSpec
 
 BASE = "http://testserver"
 ST_MARYS, RIVERSIDE = "urn:hdx:org:st-marys", "urn:hdx:org:riverside"
@@ -417,3 +417,24 @@ def test_a_bundle_posted_over_rest_is_parsed_once(
         assert r.status_code == 200, r.text
         assert [e["response"]["status"] for e in r.json()["entry"]] == ["202 Accepted"] * 3
         assert len(parses) == 1, f"{kind}: parsed {len(parses)} times"
+
+
+def test_a_registered_publishers_topic_gets_the_partitions_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[TopicSpec] = []
+
+    async def ensure_topics(settings: Any, specs: Sequence[TopicSpec]) -> list[str]:
+        created.extend(specs)
+        return [s.name for s in specs]
+
+    monkeypatch.setattr(api, "ensure_topics", ensure_topics)
+    ex = Exchange(tmp_path, publisher_topic_partitions=2)
+    ex.register("admin", f"system/*.cruds {ADMIN_SCOPE}")
+    body = {"source": "urn:hdx:org:elm", "name": "Elm", "patient_identifier_system": "urn:elm"}
+    r = ex.http.post(
+        "/admin/publishers", json=body | {"topic_name": "elm"}, headers=ex.token("admin")
+    )
+    assert r.status_code == 201, r.text
+    assert [(s.name, s.partitions) for s in created] == [("hdx.inbound.elm", 2)]
+    ex.store.engine.dispose()

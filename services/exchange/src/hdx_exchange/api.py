@@ -61,6 +61,15 @@ class PublisherOut(PublisherIn):
         )
 
 
+def publisher_topic(topics: Topics, settings: ExchangeSettings, topic_name: str) -> TopicSpec:
+    """The inbound topic the exchange creates for a registered publisher."""
+    return TopicSpec(
+        topics.publisher_inbound(topic_name),
+        partitions=settings.publisher_topic_partitions,
+        config=topics.inbound_config,
+    )
+
+
 def _searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "resourceType": "Bundle",
@@ -126,14 +135,7 @@ def build_routers(
                 "topic-taken", [Issue(str(exc), code="duplicate")], http_status=409
             ) from exc
         registry.refresh()
-        await ensure_topics(
-            settings,
-            [
-                TopicSpec(
-                    topics.publisher_inbound(publisher.topic_name), config=topics.inbound_config
-                )
-            ],
-        )
+        await ensure_topics(settings, [publisher_topic(topics, settings, publisher.topic_name)])
         return PublisherOut.of(publisher, topics)
 
     @admin.get("/audit/verify")

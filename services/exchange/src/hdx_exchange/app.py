@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI
 from faststream.kafka import KafkaBroker
 
-from hdx_exchange.api import build_routers
+from hdx_exchange.api import build_routers, publisher_topic
 from hdx_exchange.audit_log import AuditLog
 from hdx_exchange.dispatcher import RestHookDispatcher
 from hdx_exchange.oauth import (
@@ -35,7 +35,7 @@ from hdx_shared.messaging import (
     publish_all,
 )
 from hdx_shared.telemetry import kafka_middlewares, setup_tracing
-from hdx_shared.topics import Topics, TopicSpec
+from hdx_shared.topics import Topics
 
 
 def audit_log_settings(settings: ExchangeSettings) -> ExchangeSettings:
@@ -149,10 +149,7 @@ def create_app(settings: ExchangeSettings | None = None) -> FastAPI:
         # brings it back on a broker that lost it, or for publishers loaded from a file).
         await ensure_topics(
             settings,
-            [
-                TopicSpec(topics.publisher_inbound(p.topic_name), config=topics.inbound_config)
-                for p in registry.publishers.values()
-            ],
+            [publisher_topic(topics, settings, p.topic_name) for p in registry.publishers.values()],
         )
 
     async def stop() -> None:

@@ -28,6 +28,13 @@ class ExchangeSettings(HdxSettings):
     max_bundle_entries: int = Field(default=10_000, ge=1)
     # How often each replica re-reads subscriptions and publishers written by another.
     registry_refresh_seconds: float = Field(default=2.0, gt=0)
+    # Partitions of the inbound topic the exchange creates for each registered publisher.
+    # The ingress reads every inbound topic in one consumer group, so it scales by their
+    # partitions together; one publisher's records about one patient stay in order on any
+    # count. A hospital's feed needs far less than six, but fewer measured no faster here
+    # (docs/performance.md, "The publishers' own topics"); a region of many publishers may
+    # want fewer partitions on its cluster.
+    publisher_topic_partitions: int = Field(default=6, ge=1)
     # How long the audit log's fetches wait for AuditEvents (at least the stages' own
     # HDX_CONSUMER_FETCH_MAX_WAIT_MS). The audit log is off the path to the feeds: on a
     # broker that answers a fetch only when its wait is up (the embedded Tansu) it need not
