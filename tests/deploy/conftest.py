@@ -440,6 +440,9 @@ def _use_of_call(call: ast.Call, scope: _Scope, use: dict[str, set[str]]) -> Non
         for n in ast.walk(call):
             if isinstance(n, ast.Call) and _call_name(n) == "TopicSpec":
                 use["creates"].add(scope.name(n.args[0] if n.args else _keyword(n, "name")))
+            if isinstance(n, ast.Call) and _call_name(n) == "publisher_topic":
+                # hdx_exchange.api.publisher_topic: a registered publisher's inbound topic
+                use["creates"].add(topics.publisher_inbound("") + "*")
             if isinstance(n, ast.Attribute) and n.attr == "core":
                 raise UnknownKafkaUse(f"{where}: creating the core topics is the admin's job")
     elif name in ("AIOKafkaProducer", "publisher", "Producer", "Consumer"):
