@@ -31,7 +31,7 @@ class ExchangeSettings(HdxSettings):
     # Partitions of the inbound topic the exchange creates for each registered publisher.
     # The ingress reads every inbound topic in one consumer group, so it scales by their
     # partitions together; one publisher's records about one patient stay in order on any
-    # count. A hospital's feed needs far less than six, but fewer measured no faster here
+    # count. A hospital's feed needs far fewer than six, but fewer measured no faster here
     # (docs/performance.md, "The publishers' own topics"); a region of many publishers may
     # want fewer partitions on its cluster.
     publisher_topic_partitions: int = Field(default=6, ge=1)
