@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-reliability test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent bench-mpi clean
+.PHONY: help install run test test-reliability test-fast lint format bench bench-postgres bench-smoke bench-profile bench-consent bench-mpi bench-broker clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,9 @@ bench-consent: install ## Benchmark consent decisions (100k patients): rate, p50
 
 bench-mpi: install ## Benchmark patient matching (FEBRL3/4, synthetic FHIR, 100k latency) vs Splink and recordlinkage → bench/results/
 	$(BIN)/python bench/mpi_bench.py
+
+bench-broker: install ## The embedded broker alone: what a consumer's fetches cost it, by partitions, fetch wait and records held → bench/results/
+	$(BIN)/python bench/broker_probe.py
 
 clean: ## Remove data/, caches and the virtualenv
 	rm -rf data .pytest_cache .mypy_cache .ruff_cache $(VENV)
