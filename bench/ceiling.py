@@ -2,7 +2,8 @@
 
 It does what every HDX stage does around its handler and nothing else: read a batch
 (getmany, up to 500 records, 20 ms), send every record on to the next topic with its key,
-value and headers (acks=all, no linger, idempotence off — as hdx_shared.messaging
+value and headers (acks=all, idempotence off, and HDX's own producer linger and record batch
+size — `HDX_PRODUCER_LINGER_MS`, `HDX_PRODUCER_MAX_BATCH_BYTES` — as hdx_shared.messaging
 configures HDX's producers), wait until the broker acknowledged all of them, then commit
 the batch's offsets. With several topics it chains one relay per hop in this one process.
 
@@ -85,8 +86,17 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from hdx_shared.settings import HdxSettings
+
+    # The producer settings HDX's stages use (make_broker), so the ceiling differs from a
+    # stage only by what the stage does around its handler.
+    settings = HdxSettings(service_name="ceiling")
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", linger_ms=0, enable_idempotence=False
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=settings.producer_linger_ms,
+        max_batch_size=settings.producer_max_batch_bytes,
+        enable_idempotence=False,
     )
     await producer.start()
     tag = uuid.uuid4().hex[:8]
