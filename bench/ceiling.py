@@ -34,6 +34,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from hdx_shared.settings import HdxSettings
+
 BATCH_RECORDS = 500  # HDX_CONSUMER_BATCH_SIZE's default
 BATCH_TIMEOUT_MS = 20  # HDX_CONSUMER_BATCH_TIMEOUT_MS's default
 
@@ -86,8 +88,6 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    from hdx_shared.settings import HdxSettings
-
     # The producer settings HDX's stages use (make_broker), so the ceiling differs from a
     # stage only by what the stage does around its handler.
     settings = HdxSettings(service_name="ceiling")
@@ -133,7 +133,6 @@ async def run(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int = 50
 async def run_stages(bootstrap: str, topics: Sequence[str], fetch_max_wait_ms: int) -> int:
     """The relay as HDX stages: add_stage with a forwarding handler, one per hop."""
     from hdx_shared.messaging import Inbound, Outgoing, add_stage, make_broker, start_broker
-    from hdx_shared.settings import HdxSettings
     from hdx_shared.topics import Topics
 
     stop = asyncio.Event()
